@@ -1,0 +1,17 @@
+"""Normalized LSTM cells and layers, and padding utilities."""
+
+from rnorm.nn.cell import NormLSTMCell
+from rnorm.nn.lstm import NormLSTM
+from rnorm.nn.masking import lengths_to_mask, mask_to_lengths, reverse_padded
+from rnorm.nn.recurrence import RECURRENCES, lstm_step, reference_recurrence
+
+__all__ = [
+    "RECURRENCES",
+    "NormLSTM",
+    "NormLSTMCell",
+    "lengths_to_mask",
+    "lstm_step",
+    "mask_to_lengths",
+    "reference_recurrence",
+    "reverse_padded",
+]

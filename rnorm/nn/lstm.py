@@ -1,0 +1,267 @@
+"""The normalized LSTM layer: stacked, optionally bidirectional, padding-aware."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rnorm.nn.cell import NormLSTMCell
+from rnorm.nn.masking import check_lengths, lengths_to_mask, mask_to_lengths, reverse_padded
+from rnorm.nn.recurrence import get_recurrence
+from rnorm.norms import NormalizerSpec
+
+
+class NormLSTM(nn.Module):
+    """A multi-layer LSTM with a normalization strategy on each of its three sites.
+
+    BN-LSTM is ``bn/bn/bn`` (the default), BN-e* ``seqbn/bn/bn``, LN-LSTM ``ln/ln/ln``, Norm-Prop
+    ``normprop/normprop/normprop``, weight norm ``wn/wn/none`` and a plain LSTM ``none/none/none``;
+    any mix is allowed. Inputs, outputs and ``(h_n, c_n)`` are shaped as in ``torch.nn.LSTM``.
+
+    Args:
+        input_size: ``D``.
+        hidden_size: ``H``.
+        num_layers: stacked layers.
+        bidirectional: add a backward direction that reverses only the unpadded part of each
+            sequence (BN §5.4); outputs are ``[forward, backward]`` on the feature axis.
+        batch_first: ``x`` is ``(B, T, D)`` (default) rather than ``(T, B, D)``.
+        dropout: dropout on the outputs of every layer but the last, in training.
+        input_norm, recurrent_norm, cell_norm: the strategy of each site (a registered name, see
+            ``rnorm normalizers``; a Normalizer class or partial; or a built Normalizer).
+        input_norm_kwargs, recurrent_norm_kwargs, cell_norm_kwargs: hyperparameters of each.
+        bias: learn the gate bias.
+        learn_initial_state: learn ``h_0``, ``c_0`` per layer and direction (zeros at init).
+        initial_state_noise: std of Gaussian noise on the initial state in training (BN §5.1).
+        input_init: initializer of ``W_x`` per gate block: ``orthogonal`` or ``uniform``.
+        recurrent_init: initializer of ``W_h`` per gate block: ``orthogonal``, ``identity`` or ``uniform``.
+        forget_bias: initial forget-gate bias.
+        impl: the recurrence implementation (see :data:`rnorm.nn.recurrence.RECURRENCES`).
+
+    Example:
+        >>> import torch
+        >>> lstm = NormLSTM(3, 8, input_norm="bn", recurrent_norm="bn", cell_norm="bn")
+        >>> out, (h_n, c_n) = lstm(torch.randn(4, 10, 3), lengths=torch.tensor([10, 7, 3, 10]))
+        >>> tuple(out.shape), tuple(h_n.shape), float(out[2, 3:].detach().abs().sum())
+        ((4, 10, 8), (1, 4, 8), 0.0)
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        batch_first: bool = True,
+        dropout: float = 0.0,
+        input_norm: NormalizerSpec = "bn",
+        recurrent_norm: NormalizerSpec = "bn",
+        cell_norm: NormalizerSpec = "bn",
+        input_norm_kwargs: dict[str, Any] | None = None,
+        recurrent_norm_kwargs: dict[str, Any] | None = None,
+        cell_norm_kwargs: dict[str, Any] | None = None,
+        bias: bool = True,
+        learn_initial_state: bool = True,
+        initial_state_noise: float = 0.0,
+        input_init: str = "orthogonal",
+        recurrent_init: str = "orthogonal",
+        forget_bias: float = 0.0,
+        impl: str = "reference",
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"Expected num_layers >= 1, but got {num_layers}.")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"Expected dropout in [0, 1), but got {dropout}.")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bidirectional, self.batch_first, self.dropout = bidirectional, batch_first, float(dropout)
+        self.num_directions = 2 if bidirectional else 1
+        self.recurrence = get_recurrence(impl)
+        self.impl = impl
+        cell_options = dict(
+            input_norm=input_norm,
+            recurrent_norm=recurrent_norm,
+            cell_norm=cell_norm,
+            input_norm_kwargs=input_norm_kwargs,
+            recurrent_norm_kwargs=recurrent_norm_kwargs,
+            cell_norm_kwargs=cell_norm_kwargs,
+            bias=bias,
+            learn_initial_state=learn_initial_state,
+            initial_state_noise=initial_state_noise,
+            input_init=input_init,
+            recurrent_init=recurrent_init,
+            forget_bias=forget_bias,
+        )
+        # cells[layer * num_directions + direction], the order of torch.nn.LSTM's h_n.
+        self.cells = nn.ModuleList(
+            NormLSTMCell(input_size if layer == 0 else hidden_size * self.num_directions, hidden_size, **cell_options)
+            for layer in range(num_layers)
+            for _ in range(self.num_directions)
+        )
+        kinds = {getattr(norm, "batch_statistics", None) for cell in self.cells for norm in cell.norms}
+        self._batch_statistics = kinds - {None}
+
+    @classmethod
+    def from_lstm(cls, lstm: nn.LSTM, **kwargs: Any) -> NormLSTM:
+        """A NormLSTM with the sizes, layout and weights of ``lstm`` (its two biases summed).
+
+        ``kwargs`` choose the strategies and other options not fixed by ``lstm``; with ``none`` on
+        every site the result computes what ``lstm`` computes.
+        """
+        if not isinstance(lstm, nn.LSTM):
+            raise TypeError(f"Expected a torch.nn.LSTM, but got {type(lstm).__name__}.")
+        if lstm.proj_size:
+            raise ValueError("LSTMs with projections (proj_size > 0) have no NormLSTM counterpart.")
+        layout = dict(
+            input_size=lstm.input_size,
+            hidden_size=lstm.hidden_size,
+            num_layers=lstm.num_layers,
+            bidirectional=lstm.bidirectional,
+            batch_first=lstm.batch_first,
+            dropout=lstm.dropout,
+        )
+        clash = sorted(set(layout) & set(kwargs))
+        if clash:
+            raise ValueError(f"{clash} are taken from the given LSTM and cannot be passed as well.")
+        model = cls(**layout, **kwargs)
+        with torch.no_grad():
+            for index, cell in enumerate(model.cells):
+                layer, direction = divmod(index, model.num_directions)
+                suffix = f"l{layer}" + ("_reverse" if direction else "")
+                cell.weight_ih.copy_(getattr(lstm, f"weight_ih_{suffix}"))
+                cell.weight_hh.copy_(getattr(lstm, f"weight_hh_{suffix}"))
+                if cell.bias is not None:
+                    if lstm.bias:
+                        cell.bias.copy_(getattr(lstm, f"bias_ih_{suffix}") + getattr(lstm, f"bias_hh_{suffix}"))
+                    else:
+                        cell.bias.zero_()
+        return model.to(lstm.weight_ih_l0.device, lstm.weight_ih_l0.dtype)
+
+    def forward(
+        self,
+        x: Tensor,
+        lengths: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        hx: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Run the layer over padded sequences.
+
+        Args:
+            x: ``(B, T, D)`` if ``batch_first`` else ``(T, B, D)``; finite floats.
+            lengths: ``(B,)`` integers in ``[1, T]``: the real steps of each sequence (padding
+                at the end). ``None`` means every sequence has ``T`` steps.
+            mask: instead of ``lengths``, a boolean mask laid out like ``x`` without its feature
+                axis (``(B, T)`` if ``batch_first``), ``True`` on real steps.
+            hx: optional initial ``(h_0, c_0)``, each ``(num_layers * num_directions, B, H)``;
+                by default the learned initial state (with noise in training, if configured).
+
+        Returns:
+            ``(output, (h_n, c_n))``: ``output`` ``(B, T, num_directions * H)`` (or time-major),
+            zero at padded positions; ``h_n``, ``c_n`` ``(num_layers * num_directions, B, H)`` at
+            each sequence's last real step.
+        """
+        x, lengths = self._check_input(x, lengths, mask, hx)
+        num_steps, batch_size = x.shape[0], x.shape[1]
+        if lengths is not None:
+            steps_used = int(lengths.max())
+            x = x[:steps_used]  # steps past every sequence's end change nothing: skip them
+            step_mask = lengths_to_mask(lengths, steps_used, x.device)  # (T', B)
+            lengths = lengths.to(x.device)
+        else:
+            step_mask = None
+        h_n, c_n = [], []
+        layer_input = x
+        for layer in range(self.num_layers):
+            directions = []
+            for direction in range(self.num_directions):
+                index = layer * self.num_directions + direction
+                cell = self.cells[index]
+                state = cell.initial_state(batch_size) if hx is None else (hx[0][index], hx[1][index])
+                sequence = layer_input if direction == 0 else reverse_padded(layer_input, lengths)
+                output, (h, c) = self.recurrence(
+                    cell.input_terms(sequence, step_mask),
+                    cell.recurrent_norm.transform_weight(cell.weight_hh),
+                    *state,
+                    step_mask,
+                    cell.recurrent_norm,
+                    cell.cell_norm,
+                )
+                directions.append(output if direction == 0 else reverse_padded(output, lengths))
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = directions[0] if self.num_directions == 1 else torch.cat(directions, dim=2)
+            if layer < self.num_layers - 1 and self.dropout > 0:
+                layer_input = F.dropout(layer_input, self.dropout, self.training)
+        output = layer_input
+        if output.shape[0] < num_steps:
+            output = F.pad(output, (0, 0, 0, 0, 0, num_steps - output.shape[0]))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (torch.stack(h_n), torch.stack(c_n))
+
+    def _check_input(
+        self, x: Tensor, lengths: Tensor | None, mask: Tensor | None, hx: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Validate the arguments of :meth:`forward`; return ``x`` time-major and CPU lengths."""
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            layout = "(B, T, D)" if self.batch_first else "(T, B, D)"
+            raise ValueError(f"Expected a 3-D input {layout}, but got {shape}.")
+        if not x.is_floating_point():
+            raise ValueError(f"Expected a floating-point input, but got dtype {x.dtype}.")
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"Expected input feature size {self.input_size}, but got {x.shape[-1]}.")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"Expected a non-empty batch and sequence, but got shape {tuple(x.shape)}.")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("The input contains NaN or infinite values.")
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        num_steps, batch_size = x.shape[0], x.shape[1]
+        if lengths is not None and mask is not None:
+            raise ValueError("Pass either lengths or mask, not both.")
+        if mask is not None:
+            if mask.dim() == 2 and not self.batch_first:
+                mask = mask.t()
+            if tuple(mask.shape) != (batch_size, num_steps):
+                expected = (batch_size, num_steps) if self.batch_first else (num_steps, batch_size)
+                raise ValueError(f"Expected a mask of shape {expected}, but got {tuple(mask.shape)}.")
+            lengths = mask_to_lengths(mask)
+        if lengths is not None:
+            lengths = check_lengths(lengths, batch_size, num_steps)
+        if hx is not None:
+            expected = (self.num_layers * self.num_directions, batch_size, self.hidden_size)
+            if len(hx) != 2 or any(tuple(s.shape) != expected for s in hx):
+                raise ValueError(f"Expected hx = (h_0, c_0), each of shape {expected}.")
+        if self.training and self._batch_statistics:
+            self._check_batch_statistics(lengths, batch_size, num_steps, per_step="step" in self._batch_statistics)
+        return x, lengths
+
+    @staticmethod
+    def _check_batch_statistics(lengths: Tensor | None, batch_size: int, num_steps: int, per_step: bool) -> None:
+        # A batch statistic of one sample normalizes it to exactly 0 and has no useful gradient.
+        if lengths is None:
+            lengths = torch.full((batch_size,), num_steps)
+        if not per_step:
+            if int(lengths.sum()) < 2:
+                raise ValueError("Sequencewise batch normalization in training needs at least 2 unpadded steps in a batch, but got 1.")
+            return
+        counts = (lengths.unsqueeze(0) > torch.arange(num_steps).unsqueeze(1)).sum(1)  # (T,)
+        lonely = (counts == 1).nonzero()
+        if lonely.numel():
+            step = int(lonely[0])
+            raise ValueError(
+                f"Batch normalization in training needs at least 2 unpadded samples at every step, "
+                f"but step {step} has only 1 (batch size {batch_size}). Use a larger batch, batch "
+                f"sequences of similar length together, or a strategy without batch statistics "
+                f"('ln', 'normprop') or 'seqbn' on the input site."
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+            f"bidirectional={self.bidirectional}, batch_first={self.batch_first}, dropout={self.dropout}, impl={self.impl!r}"
+        )

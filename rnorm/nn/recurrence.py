@@ -1,0 +1,104 @@
+"""The LSTM recurrence over time, behind one function the layer dispatches to.
+
+``reference`` is the straightforward per-step loop: readable, exactly the papers' equations, and
+the implementation every faster path is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from rnorm.norms.base import Normalizer
+
+
+def lstm_step(
+    input_term: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weight_hh_t: Tensor,
+    t: int,
+    mask: Tensor | None,
+    recurrent_norm: Normalizer,
+    cell_norm: Normalizer,
+) -> tuple[Tensor, Tensor]:
+    """One LSTM step with normalized recurrent term and cell (BN eq. 6–8, NP eq. 15–17).
+
+    Args:
+        input_term: the normalized input term plus bias, ``(B, 4H)``.
+        h, c: the previous state, ``(B, H)`` each.
+        weight_hh_t: the effective recurrent weight, transposed, ``(H, 4H)``.
+        t: the step index (0-based), for step-dependent strategies.
+        mask: ``(B,)`` boolean, ``True`` where the sequence has not ended, or ``None``.
+        recurrent_norm, cell_norm: the strategies of the recurrent and cell sites.
+
+    Returns:
+        The new ``(h, c)``, each ``(B, H)``, not yet masked.
+    """
+    gates = input_term + recurrent_norm.step(h @ weight_hh_t, t, mask)  # (B, 4H), eq. 6
+    i, f, g, o = gates.chunk(4, dim=1)  # torch.nn.LSTM's gate order
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # eq. 7
+    h = torch.sigmoid(o) * torch.tanh(cell_norm.step(c, t, mask))  # eq. 8
+    scale = cell_norm.hidden_scale
+    if not (isinstance(scale, float) and scale == 1.0):
+        h = h * scale  # Norm-Prop's 1 / sqrt(Var[h_t]), NP eq. 17
+    return h, c
+
+
+def reference_recurrence(
+    input_terms: Tensor,
+    weight_hh: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    mask: Tensor | None,
+    recurrent_norm: Normalizer,
+    cell_norm: Normalizer,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Run the recurrence over all steps, one :func:`lstm_step` at a time.
+
+    Args:
+        input_terms: normalized input terms plus bias for every step, ``(T, B, 4H)``.
+        weight_hh: the effective recurrent weight, ``(4H, H)``.
+        h0, c0: initial state, ``(B, H)`` each.
+        mask: ``(T, B)`` boolean, ``True`` on real steps, or ``None`` (no padding).
+        recurrent_norm, cell_norm: the strategies of the recurrent and cell sites.
+
+    Returns:
+        ``(output, (h_n, c_n))``: ``output`` ``(T, B, H)`` is zero at padded positions; padded
+        steps leave the state unchanged, so ``h_n``, ``c_n`` ``(B, H)`` are each sequence's state
+        at its last real step.
+    """
+    num_steps = input_terms.shape[0]
+    recurrent_norm.start(num_steps)
+    cell_norm.start(num_steps)
+    weight_hh_t = weight_hh.t()
+    h, c = h0, c0
+    outputs = []
+    for t in range(num_steps):
+        step_mask = None if mask is None else mask[t]
+        h_new, c_new = lstm_step(input_terms[t], h, c, weight_hh_t, t, step_mask, recurrent_norm, cell_norm)
+        if step_mask is None:
+            h, c = h_new, c_new
+            outputs.append(h)
+        else:
+            keep = step_mask.unsqueeze(1)  # (B, 1)
+            h = torch.where(keep, h_new, h)
+            c = torch.where(keep, c_new, c)
+            outputs.append(h_new * keep)
+    return torch.stack(outputs), (h, c)
+
+
+Recurrence = Callable[..., tuple[Tensor, tuple[Tensor, Tensor]]]
+
+#: Implementations of the recurrence by name; all take and return what ``reference_recurrence`` does.
+RECURRENCES: dict[str, Recurrence] = {"reference": reference_recurrence}
+
+
+def get_recurrence(impl: str) -> Recurrence:
+    """The recurrence implementation named ``impl``; ``ValueError`` listing the names if unknown."""
+    try:
+        return RECURRENCES[impl]
+    except KeyError:
+        raise ValueError(f"Unknown recurrence implementation {impl!r}. Available: {', '.join(sorted(RECURRENCES))}.") from None

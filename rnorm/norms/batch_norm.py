@@ -1,0 +1,203 @@
+"""Batch normalization through time: per-timestep (``bn``) and sequencewise (``seqbn``).
+
+``bn`` is the BN-LSTM of Cooijmans et al. (BN eq. 5–8): statistics over the batch, separately
+for each time step; population statistics per step ``1..T_max``, and at test time step ``t`` uses
+those of ``min(t, T_max)`` (BN §3). ``seqbn`` shares one set of statistics over every step and
+batch entry (Laurent et al. 2016; the BN-e* input terms of BN §5.4).
+
+Public defaults (both): ``gamma_init=0.1`` (BN §4), ``eps=1e-5``, biased batch variance (the one
+used to normalize, also the one averaged into the population statistics), ``beta`` fixed at 0 on
+the input and recurrent sites (the LSTM bias ``b`` shifts, BN §3) and learnable, initialized to
+0, on the cell site. Padded entries never enter a statistic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rnorm.functional.normalization import affine, masked_moments, normalize
+from rnorm.norms.base import Normalizer
+from rnorm.norms.registry import register
+
+
+class _BatchStatisticsNorm(Normalizer):
+    """Shared machinery: γ, optional β, and population statistics in ``(S, F)`` buffers.
+
+    ``S`` is the number of statistic slots: ``T_max`` for ``bn``, 1 for ``seqbn``.
+    ``num_batches_tracked[s]`` counts the minibatch estimates averaged into slot ``s``.
+    """
+
+    batch_statistics = "step"
+
+    def __init__(
+        self,
+        site: str,
+        num_features: int,
+        *,
+        gamma_init: float = 0.1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        learn_beta: bool | None = None,
+    ) -> None:
+        super().__init__(site, num_features)
+        if eps <= 0:
+            raise ValueError(f"Expected eps > 0, but got {eps}.")
+        if momentum is not None and not 0.0 < momentum <= 1.0:
+            raise ValueError(f"Expected momentum in (0, 1] or None (cumulative average), but got {momentum}.")
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.gamma = nn.Parameter(torch.full((num_features,), float(gamma_init)))
+        learn_beta = site == "cell" if learn_beta is None else learn_beta
+        self.beta = nn.Parameter(torch.zeros(num_features)) if learn_beta else None
+        self.register_buffer("running_mean", torch.zeros(0, num_features))
+        self.register_buffer("running_var", torch.zeros(0, num_features))
+        self.register_buffer("num_batches_tracked", torch.zeros(0, dtype=torch.long))
+
+    # -- population statistics ------------------------------------------------------------------
+    def _grow(self, num_slots: int) -> None:
+        """Add slots (mean 0, variance 1, never updated) up to ``num_slots``."""
+        extra = num_slots - self.running_mean.shape[0]
+        if extra <= 0:
+            return
+        mean, var, tracked = self.running_mean, self.running_var, self.num_batches_tracked
+        self.running_mean = torch.cat([mean, mean.new_zeros(extra, self.num_features)])
+        self.running_var = torch.cat([var, var.new_ones(extra, self.num_features)])
+        self.num_batches_tracked = torch.cat([tracked, tracked.new_zeros(extra)])
+
+    @torch.no_grad()
+    def _update(self, slots: slice | int, mean: Tensor, var: Tensor, count: Tensor) -> None:
+        """Fold one minibatch estimate per slot into the population statistics.
+
+        A slot's first estimate is taken as is; later ones by exponential moving average with
+        ``momentum``, or, with ``momentum=None``, by cumulative average (the paper's "average of
+        the minibatch estimates"). Slots whose estimate came from no sample are left alone.
+        """
+        seen = count > 0  # (S,)
+        tracked = self.num_batches_tracked[slots]
+        tracked += seen.long()
+        self.num_batches_tracked[slots] = tracked
+        if self.momentum is None:
+            rate = 1.0 / tracked.clamp(min=1).to(mean.dtype)
+        else:
+            rate = torch.where(tracked == 1, 1.0, self.momentum).to(mean.dtype)
+        rate = (rate * seen).unsqueeze(-1)  # (S, 1): 0 where nothing was seen
+        self.running_mean[slots] += rate * (mean.detach() - self.running_mean[slots])
+        self.running_var[slots] += rate * (var.detach() - self.running_var[slots])
+
+    def reset_population_statistics(self) -> None:
+        """Forget every population statistic (``T_max`` returns to 0)."""
+        self.running_mean = self.running_mean.new_zeros(0, self.num_features)
+        self.running_var = self.running_var.new_zeros(0, self.num_features)
+        self.num_batches_tracked = self.num_batches_tracked.new_zeros(0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        # Population statistics change shape as T_max grows: take the checkpoint's shape.
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def output_std(self) -> float:
+        return float(self.gamma.detach().abs().mean())
+
+    def _finish(self, x_hat: Tensor) -> Tensor:
+        return affine(x_hat, self.gamma, self.beta)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, eps={self.eps}, momentum={self.momentum}, learn_beta={self.beta is not None}"
+
+
+@register("bn", description="per-timestep batch normalization (Cooijmans et al., BN eq. 5-8)")
+class TimeBatchNorm(_BatchStatisticsNorm):
+    """Per-timestep batch normalization: separate batch and population statistics per step.
+
+    Args:
+        site: ``"input"``, ``"recurrent"`` or ``"cell"``.
+        num_features: size of the normalized vectors.
+        gamma_init: initial γ (BN §4 recommends 0.1).
+        eps: added to the variance.
+        momentum: weight of a new minibatch estimate in the running population statistics, or
+            ``None`` for a cumulative average (what :func:`estimate_population_statistics` uses).
+        learn_beta: learn a shift β; default ``True`` on the cell site only.
+
+    Example:
+        >>> import torch
+        >>> norm = TimeBatchNorm("recurrent", 8)
+        >>> y = norm.step(torch.randn(4, 8), t=0)
+        >>> norm.t_max, tuple(norm.running_mean.shape)
+        (1, (1, 8))
+    """
+
+    @property
+    def t_max(self) -> int:
+        """The longest training length seen: the number of steps with population statistics."""
+        return self.running_mean.shape[0]
+
+    def start(self, num_steps: int) -> None:
+        if self.training:
+            self._grow(num_steps)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Vectorized over steps: ``x`` ``(T, B, F)``, ``mask`` ``(T, B)``; statistics per row ``t``."""
+        num_steps = x.shape[0]
+        if self.training:
+            self._grow(num_steps)
+            mean, var, count = masked_moments(x, mask, dims=(1,))  # (T, F), (T, F), (T,)
+            self._update(slice(0, num_steps), mean, var, count)
+        else:
+            mean, var = self._population(torch.arange(num_steps, device=x.device))
+        return self._finish(normalize(x, mean.unsqueeze(1), var.unsqueeze(1), self.eps))
+
+    def step(self, x: Tensor, t: int, mask: Tensor | None = None) -> Tensor:
+        if self.training:
+            self._grow(t + 1)
+            mean, var, count = masked_moments(x, mask, dims=(0,))  # (F,), (F,), ()
+            self._update(t, mean, var, count)
+        else:
+            mean, var = self._population(t)
+        return self._finish(normalize(x, mean, var, self.eps))
+
+    def _population(self, t: int | Tensor) -> tuple[Tensor, Tensor]:
+        """Population mean and variance of step(s) ``t``, using ``T_max`` beyond it (BN §3)."""
+        if self.t_max == 0:  # never trained: behave as an untrained torch.nn.BatchNorm1d would
+            shape = (self.num_features,) if isinstance(t, int) else (t.shape[0], self.num_features)
+            return self.running_mean.new_zeros(shape), self.running_var.new_ones(shape)
+        index = min(t, self.t_max - 1) if isinstance(t, int) else t.clamp(max=self.t_max - 1)
+        return self.running_mean[index], self.running_var[index]
+
+
+@register("seqbn", description="sequencewise batch normalization: statistics shared over all steps")
+class SequenceBatchNorm(_BatchStatisticsNorm):
+    """Sequencewise batch normalization: one set of statistics over every step and sample.
+
+    Only the input site: its statistics need the whole sequence, which the recurrent and cell
+    sites do not have until the recurrence has run. Arguments as :class:`TimeBatchNorm`.
+    """
+
+    supported_sites = frozenset({"input"})
+    batch_statistics = "sequence"
+
+    def __init__(self, site: str, num_features: int, **kwargs) -> None:  # noqa: ANN003
+        super().__init__(site, num_features, **kwargs)
+        self._grow(1)  # one slot, from the start
+
+    def reset_population_statistics(self) -> None:
+        super().reset_population_statistics()
+        self._grow(1)
+
+    def step(self, x: Tensor, t: int, mask: Tensor | None = None) -> Tensor:
+        raise RuntimeError(
+            "seqbn normalizes a whole sequence at once and cannot run one step at a time "
+            "(NormLSTMCell.forward); run the sequence through NormLSTM, or use 'bn' on this site."
+        )
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``x`` ``(T, B, F)``, ``mask`` ``(T, B)``; one mean and variance over ``T`` and ``B``."""
+        if self.training:
+            mean, var, count = masked_moments(x, mask, dims=(0, 1))  # (F,), (F,), ()
+            self._update(slice(0, 1), mean.unsqueeze(0), var.unsqueeze(0), count.reshape(1))
+        else:
+            mean, var = self.running_mean[0], self.running_var[0]
+        return self._finish(normalize(x, mean, var, self.eps))

@@ -1,0 +1,80 @@
+"""Exact population statistics: the average of minibatch estimates over training batches (BN §3).
+
+During training, batch-statistics strategies (``bn``, ``seqbn``) keep running averages. The
+Recurrent Batch Normalization paper instead estimates the population statistics "by averaging the
+minibatch estimates over the training set"; :func:`estimate_population_statistics` does that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def estimate_population_statistics(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    num_batches: int | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> int:
+    """Replace the population statistics of every ``bn``/``seqbn`` strategy in ``model``.
+
+    Each strategy forgets its statistics and then, over ``num_batches`` batches (all of
+    ``batches`` if ``None``), averages the minibatch estimates of every step with equal weight,
+    exactly as its own training-mode forward computes them (dropout and initial-state noise
+    included, since those shaped the statistics the model was trained with). Gradients are off,
+    and every module's train/eval mode and every strategy's momentum are restored afterwards.
+
+    Args:
+        model: any module containing batch-statistics strategies.
+        batches: an iterable of training batches.
+        num_batches: how many batches to use; ``None`` for all.
+        forward: ``forward(model, batch)`` runs one batch; by default ``model(**batch)`` for a
+            mapping, ``model(*batch)`` for a tuple or list and ``model(batch)`` otherwise.
+
+    Returns:
+        The number of batches used.
+
+    Raises:
+        ValueError: ``num_batches`` < 1, or ``batches`` yielded nothing.
+    """
+    from rnorm.norms.batch_norm import _BatchStatisticsNorm
+
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"Expected num_batches >= 1 or None, but got {num_batches}.")
+    norms = [m for m in model.modules() if isinstance(m, _BatchStatisticsNorm)]
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [norm.momentum for norm in norms]
+    run = forward or _default_forward
+    used = 0
+    try:
+        for norm in norms:
+            norm.reset_population_statistics()
+            norm.momentum = None  # cumulative average: every minibatch estimate weighs the same
+        model.train()
+        with torch.no_grad():
+            for batch in batches:
+                if num_batches is not None and used >= num_batches:
+                    break
+                run(model, batch)
+                used += 1
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        for module, training in modes:
+            module.training = training
+    if used == 0:
+        raise ValueError("No batches were given, so no population statistics could be estimated.")
+    return used
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
