@@ -132,7 +132,9 @@ class NormLSTMCell(nn.Module):
         if self.bias is not None:
             input_term = input_term + self.bias
         weight_hh_t = self.recurrent_norm.transform_weight(self.weight_hh).t()
-        h_new, c_new = lstm_step(input_term, h, c, weight_hh_t, t, mask, self.recurrent_norm, self.cell_norm)
+        h_new, c_new = lstm_step(
+            input_term, h, c, weight_hh_t, t, mask, self.recurrent_norm, self.cell_norm, self.cell_norm.hidden_scale
+        )
         if mask is None:
             return h_new, c_new
         keep = mask.unsqueeze(1)

@@ -23,6 +23,7 @@ def lstm_step(
     mask: Tensor | None,
     recurrent_norm: Normalizer,
     cell_norm: Normalizer,
+    hidden_scale: float | Tensor = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """One LSTM step with normalized recurrent term and cell (BN eq. 6–8, NP eq. 15–17).
 
@@ -33,6 +34,7 @@ def lstm_step(
         t: the step index (0-based), for step-dependent strategies.
         mask: ``(B,)`` boolean, ``True`` where the sequence has not ended, or ``None``.
         recurrent_norm, cell_norm: the strategies of the recurrent and cell sites.
+        hidden_scale: ``cell_norm.hidden_scale``, read once per sequence by the caller.
 
     Returns:
         The new ``(h, c)``, each ``(B, H)``, not yet masked.
@@ -41,9 +43,8 @@ def lstm_step(
     i, f, g, o = gates.chunk(4, dim=1)  # torch.nn.LSTM's gate order
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # eq. 7
     h = torch.sigmoid(o) * torch.tanh(cell_norm.step(c, t, mask))  # eq. 8
-    scale = cell_norm.hidden_scale
-    if not (isinstance(scale, float) and scale == 1.0):
-        h = h * scale  # Norm-Prop's 1 / sqrt(Var[h_t]), NP eq. 17
+    if not (isinstance(hidden_scale, float) and hidden_scale == 1.0):
+        h = h * hidden_scale  # Norm-Prop's 1 / sqrt(Var[h_t]), NP eq. 17
     return h, c
 
 
@@ -74,11 +75,14 @@ def reference_recurrence(
     recurrent_norm.start(num_steps)
     cell_norm.start(num_steps)
     weight_hh_t = weight_hh.t()
+    hidden_scale = cell_norm.hidden_scale
     h, c = h0, c0
     outputs = []
     for t in range(num_steps):
         step_mask = None if mask is None else mask[t]
-        h_new, c_new = lstm_step(input_terms[t], h, c, weight_hh_t, t, step_mask, recurrent_norm, cell_norm)
+        h_new, c_new = lstm_step(
+            input_terms[t], h, c, weight_hh_t, t, step_mask, recurrent_norm, cell_norm, hidden_scale
+        )
         if step_mask is None:
             h, c = h_new, c_new
             outputs.append(h)
