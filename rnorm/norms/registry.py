@@ -52,8 +52,8 @@ class Registry:
         self.kind = kind
         self.entry_point_group = entry_point_group
         self._entries: dict[str, RegistryEntry] = {}
-        self._plugin_errors: dict[str, str] = {}
-        self._plugin_names: set[str] = set()  # names added while loading entry points
+        self._plugin_errors: dict[str, tuple[str, Exception]] = {}  # name -> (message, error)
+        self._plugin_entries: dict[str, dict[str, RegistryEntry]] = {}  # entry-point value -> what it added
         self._plugins_loaded = entry_point_group is None
 
     # -- registration -------------------------------------------------------------------------
@@ -104,7 +104,8 @@ class Registry:
         if key in self._entries:
             return self._entries[key].cls
         if key in self._plugin_errors:
-            raise ImportError(self._plugin_errors[key])
+            message, error = self._plugin_errors[key]
+            raise ImportError(message) from error
         raise ValueError(
             f"{name!r} is not a registered {self.kind}. Available names: "
             f"{', '.join(sorted(self._entries))}."
@@ -119,34 +120,47 @@ class Registry:
         self._plugins_loaded = True
         if os.environ.get(DISABLE_AUTOLOAD_ENV):
             return
-        before = set(self._entries)
         for entry_point in importlib.metadata.entry_points(group=self.entry_point_group):
-            self._load_plugin(entry_point)
-        self._plugin_names = set(self._entries) - before
+            before = dict(self._entries)
+            if self._load_plugin(entry_point):
+                added = {k: e for k, e in self._entries.items() if before.get(k) is not e}
+                self._plugin_entries.setdefault(entry_point.value, {}).update(added)
 
-    def _load_plugin(self, entry_point: importlib.metadata.EntryPoint) -> None:
+    def _load_plugin(self, entry_point: importlib.metadata.EntryPoint) -> bool:
+        """Import one entry point; ``False`` if its import failed (reported, not raised)."""
         name = entry_point.name.lower()
         dist = entry_point.dist.name if entry_point.dist is not None else "an unknown distribution"
+        origin = f'rnorm plugin "{name}" from {dist} ({entry_point.value})'
+        if entry_point.value in self._plugin_entries:
+            # Imported before a reset_plugins(): the module's decorators will not run again.
+            self._entries.update(self._plugin_entries[entry_point.value])
+            return True
         try:
             loaded = entry_point.load()
         except Exception as err:  # any failure inside a third-party import is reported, not hidden
-            message = (
-                f'Error importing rnorm plugin "{name}" from {dist} ({entry_point.value}): '
-                f"{type(err).__name__}: {err}"
-            )
-            self._plugin_errors[name] = message
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-            return
+            self._plugin_errors[name] = (f"Error importing {origin}: {type(err).__name__}: {err}", err)
+            warnings.warn(self._plugin_errors[name][0], RuntimeWarning, stacklevel=4)
+            return False
         # An entry point may name the class itself (registered here under the entry-point name
         # unless its module already registered it) or a module whose import registers classes.
         if inspect.isclass(loaded) and not any(e.cls is loaded for e in self._entries.values()):
+            if name in self._entries:
+                existing = self._entries[name].cls
+                warnings.warn(
+                    f"Ignoring {origin}: the name is taken by {existing.__module__}.{existing.__qualname__}.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                return True
             self.register(name, loaded)
+        return True
 
     def reset_plugins(self) -> None:
         """Forget plugin discovery so the next lookup searches the entry points again (tests)."""
-        for key in self._plugin_names:
-            self._entries.pop(key, None)
-        self._plugin_names.clear()
+        for added in self._plugin_entries.values():
+            for key, entry in added.items():
+                if self._entries.get(key) is entry:
+                    del self._entries[key]
         self._plugin_errors.clear()
         self._plugins_loaded = self.entry_point_group is None
 
