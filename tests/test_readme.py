@@ -1,19 +1,23 @@
-"""The README's Python example runs as written."""
+"""The Python examples of README.md and docs/ run as written."""
 
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def test_readme_python_example_runs():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    assert blocks, "README.md has no python example"
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), {})  # noqa: S102 - our own documentation
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_examples_run(document):
+    blocks = re.findall(r"```python\n(.*?)```", document.read_text(), flags=re.DOTALL)
+    namespace: dict = {}
+    for block in blocks:  # blocks of one document share a namespace, as a reader's session would
+        exec(compile(block, str(document), "exec"), namespace)  # noqa: S102 - our own documentation
 
 
 def test_readme_test_command_is_the_ci_command():
-    ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()
-    assert "python -m pytest -q" in README.read_text()
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    assert "python -m pytest -q" in (ROOT / "README.md").read_text()
     assert ci[-1] == "python -m pytest -q"

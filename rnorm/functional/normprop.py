@@ -1,10 +1,14 @@
 """Norm-Prop's analytic variance estimates (Laurent et al., NP eq. 8–14).
 
-The expectations over ``z ~ N(0, 1)`` are computed by Gauss–Hermite quadrature (probabilists'
-weight ``exp(-z²/2)``) in float64. The integrands ``σ``, ``tanh`` and their squares are analytic in
-a strip around the real axis, so the rule converges exponentially: with the default 96 nodes the
-variances agree with a 400-node rule to better than 1e-9 for pre-activation standard deviations
-up to 10 (``tests/functional/test_normprop.py`` checks both this and a Monte-Carlo simulation).
+The expectations over ``z ~ N(0, 1)`` are computed in float64 by the trapezoidal rule on
+``[-12, 12]``. For an integrand analytic in the strip ``|Im z| < d`` times the Gaussian density,
+that rule's error falls like ``exp(-2π d / step)``; ``σ(s z)`` and ``tanh(s z)`` have their poles at
+``d = π / (2 s)``, so with the default 3073 points (step 1/128) the error is below ``exp(-126)`` up
+to a pre-activation standard deviation ``s = 10``, and the cut at ``|z| = 12`` loses ``~1e-32``:
+the estimates are exact to float64 rounding (about 1e-15), which
+``tests/functional/test_normprop.py`` checks against Simpson's rule and a Monte-Carlo simulation.
+(Gauss–Hermite quadrature is a poor fit here: those nearby poles make 96 nodes err by 1.6e-4 at the
+paper's ``γ_x = γ_h = 2``.)
 """
 
 from __future__ import annotations
@@ -16,31 +20,29 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-DEFAULT_QUADRATURE_POINTS = 96
+DEFAULT_QUADRATURE_POINTS = 3073
+HALF_WIDTH = 12.0
 
 
 @lru_cache(maxsize=8)
-def _hermite_rule(num_points: int) -> tuple[Tensor, Tensor]:
-    # Golub–Welsch: the nodes of the probabilists' Hermite rule are the eigenvalues of the Jacobi
-    # matrix with sub-diagonal sqrt(k); the weights are the squared first eigenvector components
-    # (the measure has total mass 1, so they sum to 1).
-    off_diagonal = torch.sqrt(torch.arange(1, num_points, dtype=torch.float64))
-    jacobi = torch.diag(off_diagonal, 1) + torch.diag(off_diagonal, -1)
-    nodes, vectors = torch.linalg.eigh(jacobi)
-    weights = vectors[0].square()
-    return nodes, weights / weights.sum()
+def _trapezoid_rule(num_points: int) -> tuple[Tensor, Tensor]:
+    nodes = torch.linspace(-HALF_WIDTH, HALF_WIDTH, num_points, dtype=torch.float64)
+    weights = torch.exp(-nodes.square() / 2)
+    weights[0] /= 2
+    weights[-1] /= 2
+    return nodes, weights / weights.sum()  # normalized: the measure has total mass 1
 
 
 def gaussian_expectation(fn: Callable[[Tensor], Tensor], std: float, num_points: int = DEFAULT_QUADRATURE_POINTS) -> float:
-    """``E[fn(std * z)]`` for ``z ~ N(0, 1)``, by ``num_points``-node Gauss–Hermite quadrature.
+    """``E[fn(std * z)]`` for ``z ~ N(0, 1)``, by the ``num_points``-point trapezoidal rule on ``[-12, 12]``.
 
     Example:
         >>> round(gaussian_expectation(lambda x: x**2, 3.0), 9)
         9.0
     """
-    if num_points < 2:
-        raise ValueError(f"Expected num_points >= 2, but got {num_points}.")
-    nodes, weights = _hermite_rule(int(num_points))
+    if num_points < 3:
+        raise ValueError(f"Expected num_points >= 3, but got {num_points}.")
+    nodes, weights = _trapezoid_rule(int(num_points))
     return float((weights * fn(std * nodes)).sum())
 
 

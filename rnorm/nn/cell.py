@@ -82,6 +82,7 @@ class NormLSTMCell(nn.Module):
         sites = {"input": self.input_norm, "recurrent": self.recurrent_norm, "cell": self.cell_norm}
         for norm in sites.values():
             norm.attach(sites)
+        self._per_step_batch_statistics = any(norm.batch_statistics == "step" for norm in sites.values())
 
     @property
     def norms(self) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -127,6 +128,13 @@ class NormLSTMCell(nn.Module):
         """
         if x.dim() != 2 or x.shape[1] != self.input_size:
             raise ValueError(f"Expected x of shape (B, {self.input_size}), but got {tuple(x.shape)}.")
+        if self.training and self._per_step_batch_statistics:
+            samples = x.shape[0] if mask is None else int(mask.sum())
+            if samples == 1:
+                raise ValueError(
+                    f"Batch normalization in training needs at least 2 unpadded samples at a step, but "
+                    f"step {t} has only 1. Use a larger batch or a strategy without batch statistics."
+                )
         h, c = self.initial_state(x.shape[0]) if state is None else state
         input_term = self.input_norm.step(F.linear(x, self.input_norm.transform_weight(self.weight_ih)), t, mask)
         if self.bias is not None:

@@ -41,7 +41,7 @@ class NormProp(RowScaledWeight):
         gamma_x: cell site only: the input term's scale for the variance estimate (default: from
             the input site, else 2).
         gamma_h: cell site only: likewise for the recurrent term.
-        quadrature_points: Gauss–Hermite nodes for the variance estimate.
+        quadrature_points: points of the trapezoidal rule for the variance estimate.
     """
 
     supported_sites = frozenset({"input", "recurrent", "cell"})

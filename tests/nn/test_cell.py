@@ -51,3 +51,13 @@ def test_cell_rejects_a_wrong_input_shape():
     cell = NormLSTM(3, 5).cells[0]
     with pytest.raises(ValueError, match=r"Expected x of shape \(B, 3\), but got \(4, 2\)"):
         cell(torch.randn(4, 2))
+
+
+def test_cell_rejects_a_single_sample_step_with_batch_statistics_in_training():
+    cell = NormLSTM(3, 5).cells[0]  # bn on every site
+    with pytest.raises(ValueError, match="at least 2 unpadded samples at a step, but step 4 has only 1"):
+        cell(torch.randn(3, 3), t=4, mask=torch.tensor([True, False, False]))
+    with pytest.raises(ValueError, match="step 0 has only 1"):
+        cell(torch.randn(1, 3))
+    cell.eval()  # population statistics: one sample is fine
+    assert cell(torch.randn(1, 3))[0].shape == (1, 5)
