@@ -224,18 +224,17 @@ class NormLSTM(nn.Module):
         if lengths is not None and mask is not None:
             raise ValueError("Pass either lengths or mask, not both.")
         if mask is not None:
-            if mask.dim() == 2 and not self.batch_first:
-                mask = mask.t()
-            if tuple(mask.shape) != (batch_size, num_steps):
-                expected = (batch_size, num_steps) if self.batch_first else (num_steps, batch_size)
+            expected = (batch_size, num_steps) if self.batch_first else (num_steps, batch_size)
+            if tuple(mask.shape) != expected:
                 raise ValueError(f"Expected a mask of shape {expected}, but got {tuple(mask.shape)}.")
-            lengths = mask_to_lengths(mask)
+            lengths = mask_to_lengths(mask if self.batch_first else mask.t())
         if lengths is not None:
             lengths = check_lengths(lengths, batch_size, num_steps)
         if hx is not None:
             expected = (self.num_layers * self.num_directions, batch_size, self.hidden_size)
-            if len(hx) != 2 or any(tuple(s.shape) != expected for s in hx):
-                raise ValueError(f"Expected hx = (h_0, c_0), each of shape {expected}.")
+            shapes = [tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__ for s in hx]
+            if len(hx) != 2 or any(shape != expected for shape in shapes):
+                raise ValueError(f"Expected hx = (h_0, c_0), each of shape {expected}, but got shapes {shapes}.")
         if self.training and self._batch_statistics:
             self._check_batch_statistics(lengths, batch_size, num_steps, per_step="step" in self._batch_statistics)
         return x, lengths

@@ -48,6 +48,9 @@ def mask_to_lengths(mask: Tensor) -> Tensor:
             f"Expected every mask row to be True on its real steps then False on padding, but row "
             f"{int(bad[0])} has a False before a True."
         )
+    empty = (lengths == 0).nonzero()
+    if empty.numel():
+        raise ValueError(f"Expected every sequence to have at least one real step, but mask row {int(empty[0])} is all False.")
     return lengths
 
 

@@ -79,8 +79,9 @@ class _BatchStatisticsNorm(Normalizer):
         self.num_batches_tracked[slots] = tracked
         if self.momentum is None:
             rate = 1.0 / tracked.clamp(min=1).to(mean.dtype)
-        else:
-            rate = torch.where(tracked == 1, 1.0, self.momentum).to(mean.dtype)
+        else:  # built in the statistics' dtype: a float32 0.1 would bias a float64 average
+            momentum = torch.full_like(tracked, 0, dtype=mean.dtype).fill_(self.momentum)
+            rate = torch.where(tracked == 1, 1.0, momentum)
         rate = (rate * seen).unsqueeze(-1)  # (S, 1): 0 where nothing was seen
         self.running_mean[slots] += rate * (mean.detach() - self.running_mean[slots])
         self.running_var[slots] += rate * (var.detach() - self.running_var[slots])

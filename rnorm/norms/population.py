@@ -7,6 +7,7 @@ minibatch estimates over the training set"; :func:`estimate_population_statistic
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,7 +28,8 @@ def estimate_population_statistics(
     ``batches`` if ``None``), averages the minibatch estimates of every step with equal weight,
     exactly as its own training-mode forward computes them (dropout and initial-state noise
     included, since those shaped the statistics the model was trained with). Gradients are off,
-    and every module's train/eval mode and every strategy's momentum are restored afterwards.
+    and every module's train/eval mode and every strategy's momentum are restored afterwards. If
+    a batch fails, or there is none, the previous statistics are kept.
 
     Args:
         model: any module containing batch-statistics strategies.
@@ -48,27 +50,30 @@ def estimate_population_statistics(
         raise ValueError(f"Expected num_batches >= 1 or None, but got {num_batches}.")
     norms = [m for m in model.modules() if isinstance(m, _BatchStatisticsNorm)]
     modes = [(m, m.training) for m in model.modules()]
-    momenta = [norm.momentum for norm in norms]
+    saved = [(norm.momentum, norm.running_mean, norm.running_var, norm.num_batches_tracked) for norm in norms]
     run = forward or _default_forward
     used = 0
     try:
         for norm in norms:
-            norm.reset_population_statistics()
+            norm.reset_population_statistics()  # new tensors: the saved ones stay intact
             norm.momentum = None  # cumulative average: every minibatch estimate weighs the same
         model.train()
         with torch.no_grad():
-            for batch in batches:
-                if num_batches is not None and used >= num_batches:
-                    break
+            for batch in itertools.islice(batches, num_batches):  # never draws a batch it won't use
                 run(model, batch)
                 used += 1
+        if used == 0:
+            raise ValueError("No batches were given, so no population statistics could be estimated.")
+    except BaseException:
+        # All or nothing: a failed estimate leaves the previous statistics in place.
+        for norm, (_, mean, var, tracked) in zip(norms, saved):
+            norm.running_mean, norm.running_var, norm.num_batches_tracked = mean, var, tracked
+        raise
     finally:
-        for norm, momentum in zip(norms, momenta):
+        for norm, (momentum, *_) in zip(norms, saved):
             norm.momentum = momentum
         for module, training in modes:
             module.training = training
-    if used == 0:
-        raise ValueError("No batches were given, so no population statistics could be estimated.")
     return used
 
 
