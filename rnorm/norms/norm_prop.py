@@ -56,35 +56,36 @@ class NormProp(RowScaledWeight):
         gamma_h: float | None = None,
         quadrature_points: int = DEFAULT_QUADRATURE_POINTS,
     ) -> None:
-        if site == "cell":
-            gamma_init = PAPER_GAMMA_C if gamma_init is None else gamma_init
-        elif gamma_x is not None or gamma_h is not None:
+        gamma_init = (PAPER_GAMMA_C if site == "cell" else PAPER_GAMMA_XH) if gamma_init is None else float(gamma_init)
+        if site != "cell" and (gamma_x is not None or gamma_h is not None):
             raise ValueError("gamma_x and gamma_h are options of the cell site; set gamma_init on this site.")
-        super().__init__(site, num_features, gamma_init=PAPER_GAMMA_XH if gamma_init is None else gamma_init)
-        if site == "cell" and float(gamma_init) <= 0:
+        if site == "cell" and not gamma_init > 0:
             raise ValueError(f"Expected gamma_init > 0 on the cell site, but got {gamma_init}.")
-        self.gamma_init = float(self.gamma.detach()[0])
+        super().__init__(site, num_features, gamma_init=gamma_init)
+        self.gamma_init = gamma_init
         self.gamma_x, self.gamma_h = gamma_x, gamma_h
         self.quadrature_points = quadrature_points
         if site == "cell":
             self.register_buffer("cell_var", torch.tensor(float("nan")))
             self.register_buffer("hidden_var", torch.tensor(float("nan")))
-            self.estimate_variances(PAPER_GAMMA_XH if gamma_x is None else gamma_x, PAPER_GAMMA_XH if gamma_h is None else gamma_h)
-
-    def estimate_variances(self, gamma_x: float, gamma_h: float) -> None:
-        """Set ``Var[c_t]`` and ``Var[h_t]`` from NP eq. 8–14 for these term scales and the initial ``γ_c``."""
-        var_c, var_h = normprop_variances(gamma_x, gamma_h, self.gamma_init, self.quadrature_points)
-        self.cell_var.fill_(var_c)
-        self.hidden_var.fill_(var_h)
+            self.attach({})  # the paper's scales until a layer attaches its input and recurrent sites
 
     def attach(self, sites: Mapping[str, Normalizer]) -> None:
+        """Cell site: estimate ``Var[c_t]`` and ``Var[h_t]`` (NP eq. 8–14) from the scales of the
+        input and recurrent terms: ``gamma_x``/``gamma_h`` if given, else the sites' ``output_std()``,
+        else the paper's 2."""
         if self.site != "cell":
             return
-        gamma_x = self.gamma_x if self.gamma_x is not None else sites["input"].output_std()
-        gamma_h = self.gamma_h if self.gamma_h is not None else sites["recurrent"].output_std()
-        self.estimate_variances(
-            PAPER_GAMMA_XH if gamma_x is None else gamma_x, PAPER_GAMMA_XH if gamma_h is None else gamma_h
+
+        def scale(override: float | None, site: str) -> float:
+            std = sites[site].output_std() if override is None and site in sites else override
+            return PAPER_GAMMA_XH if std is None else float(std)
+
+        var_c, var_h = normprop_variances(
+            scale(self.gamma_x, "input"), scale(self.gamma_h, "recurrent"), self.gamma_init, self.quadrature_points
         )
+        self.cell_var.fill_(var_c)
+        self.hidden_var.fill_(var_h)
 
     def transform_weight(self, weight: Tensor) -> Tensor:
         return weight if self.site == "cell" else super().transform_weight(weight)
