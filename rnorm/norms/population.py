@@ -53,27 +53,29 @@ def estimate_population_statistics(
     saved = [(norm.momentum, norm.running_mean, norm.running_var, norm.num_batches_tracked) for norm in norms]
     run = forward or _default_forward
     used = 0
-    try:
-        for norm in norms:
-            norm.reset_population_statistics()  # new tensors: the saved ones stay intact
-            norm.momentum = None  # cumulative average: every minibatch estimate weighs the same
-        model.train()
-        with torch.no_grad():
+    # Normal tensors even when called under inference mode (as Lightning runs evaluation hooks):
+    # statistics created there would be inference tensors that training could not update in place.
+    with torch.inference_mode(False), torch.no_grad():
+        try:
+            for norm in norms:
+                norm.reset_population_statistics()  # new tensors: the saved ones stay intact
+                norm.momentum = None  # cumulative average: every minibatch estimate weighs the same
+            model.train()
             for batch in itertools.islice(batches, num_batches):  # never draws a batch it won't use
                 run(model, batch)
                 used += 1
-        if used == 0:
-            raise ValueError("No batches were given, so no population statistics could be estimated.")
-    except BaseException:
-        # All or nothing: a failed estimate leaves the previous statistics in place.
-        for norm, (_, mean, var, tracked) in zip(norms, saved):
-            norm.running_mean, norm.running_var, norm.num_batches_tracked = mean, var, tracked
-        raise
-    finally:
-        for norm, (momentum, *_) in zip(norms, saved):
-            norm.momentum = momentum
-        for module, training in modes:
-            module.training = training
+            if used == 0:
+                raise ValueError("No batches were given, so no population statistics could be estimated.")
+        except BaseException:
+            # All or nothing: a failed estimate leaves the previous statistics in place.
+            for norm, (_, mean, var, tracked) in zip(norms, saved):
+                norm.running_mean, norm.running_var, norm.num_batches_tracked = mean, var, tracked
+            raise
+        finally:
+            for norm, (momentum, *_) in zip(norms, saved):
+                norm.momentum = momentum
+            for module, training in modes:
+                module.training = training
     return used
 
 

@@ -1,0 +1,6 @@
+"""Lightning callbacks of rnorm."""
+
+from rnorm.callbacks.population import PopulationStatistics
+from rnorm.callbacks.seeding import EpochSeed
+
+__all__ = ["EpochSeed", "PopulationStatistics"]

@@ -1,0 +1,7 @@
+"""LightningModules, one per task of the papers."""
+
+from rnorm.tasks.base import EncoderFactory, RecurrentTask
+from rnorm.tasks.classification import SequenceClassifier
+from rnorm.tasks.language_model import CharLanguageModel
+
+__all__ = ["CharLanguageModel", "EncoderFactory", "RecurrentTask", "SequenceClassifier"]
