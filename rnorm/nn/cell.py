@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rnorm.functional.distributed import world_size
 from rnorm.nn.init import INPUT_INITS, RECURRENT_INITS, init_gate_blocks
 from rnorm.nn.recurrence import lstm_step
 from rnorm.norms import NormalizerSpec, resolve
@@ -84,6 +85,9 @@ class NormLSTMCell(nn.Module):
             norm.attach(sites)
         self._per_step_batch_statistics = any(norm.batch_statistics == "step" for norm in sites.values())
 
+    def _synchronized(self) -> bool:
+        return world_size() > 1 and any(getattr(norm, "sync_statistics", False) for norm in self.norms)
+
     @property
     def norms(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         """The (input, recurrent, cell) strategies."""
@@ -128,7 +132,9 @@ class NormLSTMCell(nn.Module):
         """
         if x.dim() != 2 or x.shape[1] != self.input_size:
             raise ValueError(f"Expected x of shape (B, {self.input_size}), but got {tuple(x.shape)}.")
-        if self.training and self._per_step_batch_statistics:
+        # Local check only: with statistics synchronized across processes the global batch counts,
+        # and checking it would cost a collective per step.
+        if self.training and self._per_step_batch_statistics and not self._synchronized():
             samples = x.shape[0] if mask is None else int(mask.sum())
             if samples == 1:
                 raise ValueError(

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rnorm.functional.distributed import global_step_counts, world_size
 from rnorm.nn.cell import NormLSTMCell
 from rnorm.nn.masking import check_lengths, lengths_to_mask, mask_to_lengths, reverse_padded
 from rnorm.nn.recurrence import get_recurrence
@@ -165,8 +166,15 @@ class NormLSTM(nn.Module):
         """
         x, lengths = self._check_input(x, lengths, mask, hx)
         num_steps, batch_size = x.shape[0], x.shape[1]
+        steps_used = num_steps if lengths is None else int(lengths.max())
+        if self.training and self._batch_statistics:
+            steps_used = self._check_batch_statistics(lengths, batch_size, num_steps, x.device)
+        if steps_used > num_steps:
+            # Synchronized statistics, and another process has longer sequences: every process
+            # must run as many steps (the statistics of each are all-reduced), these ones padded.
+            x = F.pad(x, (0, 0, 0, 0, 0, steps_used - num_steps))  # (T', B, D)
+            lengths = torch.full((batch_size,), num_steps) if lengths is None else lengths
         if lengths is not None:
-            steps_used = int(lengths.max())
             x = x[:steps_used]  # steps past every sequence's end change nothing: skip them
             step_mask = lengths_to_mask(lengths, steps_used, x.device)  # (T', B)
             lengths = lengths.to(x.device)
@@ -195,7 +203,7 @@ class NormLSTM(nn.Module):
             layer_input = directions[0] if self.num_directions == 1 else torch.cat(directions, dim=2)
             if layer < self.num_layers - 1 and self.dropout > 0:
                 layer_input = F.dropout(layer_input, self.dropout, self.training)
-        output = layer_input
+        output = layer_input[:num_steps]  # without steps run only for other processes
         if output.shape[0] < num_steps:
             output = F.pad(output, (0, 0, 0, 0, 0, num_steps - output.shape[0]))
         if self.batch_first:
@@ -235,29 +243,40 @@ class NormLSTM(nn.Module):
             shapes = [tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__ for s in hx]
             if len(hx) != 2 or any(shape != expected for shape in shapes):
                 raise ValueError(f"Expected hx = (h_0, c_0), each of shape {expected}, but got shapes {shapes}.")
-        if self.training and self._batch_statistics:
-            self._check_batch_statistics(lengths, batch_size, num_steps, per_step="step" in self._batch_statistics)
         return x, lengths
 
-    @staticmethod
-    def _check_batch_statistics(lengths: Tensor | None, batch_size: int, num_steps: int, per_step: bool) -> None:
+    def _check_batch_statistics(
+        self, lengths: Tensor | None, batch_size: int, num_steps: int, device: torch.device
+    ) -> int:
+        """Check that every batch statistic has 2 samples; return the number of steps to run.
+
+        With synchronized statistics (``bn``, ``seqbn`` under ``torch.distributed``) the samples
+        are those of the global batch, and the steps those of its longest sequence.
+        """
         # A batch statistic of one sample normalizes it to exactly 0 and has no useful gradient.
         if lengths is None:
             lengths = torch.full((batch_size,), num_steps)
-        if not per_step:
-            if int(lengths.sum()) < 2:
-                raise ValueError("Sequencewise batch normalization in training needs at least 2 unpadded steps in a batch, but got 1.")
-            return
         counts = (lengths.unsqueeze(0) > torch.arange(num_steps).unsqueeze(1)).sum(1)  # (T,)
+        synced = any(getattr(norm, "sync_statistics", False) for cell in self.cells for norm in cell.norms)
+        processes = world_size() if synced else 1
+        batch = f"batch size {batch_size}"
+        if processes > 1:  # every process gets the same counts, so all raise or none does
+            counts = global_step_counts(counts.to(device)).cpu()  # (T',), T' the longest anywhere
+            batch = f"global batch size {int(counts[0])} over {processes} processes"
+        if "step" not in self._batch_statistics:
+            if int(counts.sum()) < 2:
+                raise ValueError("Sequencewise batch normalization in training needs at least 2 unpadded steps in a batch, but got 1.")
+            return int((counts > 0).sum())
         lonely = (counts == 1).nonzero()
         if lonely.numel():
             step = int(lonely[0])
             raise ValueError(
                 f"Batch normalization in training needs at least 2 unpadded samples at every step, "
-                f"but step {step} has only 1 (batch size {batch_size}). Use a larger batch, batch "
+                f"but step {step} has only 1 ({batch}). Use a larger batch, batch "
                 f"sequences of similar length together, or a strategy without batch statistics "
                 f"('ln', 'normprop') or 'seqbn' on the input site."
             )
+        return int((counts > 0).sum())  # counts never grow with t: the longest sequence's length
 
     def extra_repr(self) -> str:
         return (

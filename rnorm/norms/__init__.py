@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Union
 
 from rnorm.norms.base import SITES, Normalizer
-from rnorm.norms.batch_norm import SequenceBatchNorm, TimeBatchNorm
+from rnorm.norms.batch_norm import SequenceBatchNorm, TimeBatchNorm, set_statistics_sync
 from rnorm.norms.identity import Identity
 from rnorm.norms.layer_norm import LayerNorm
 from rnorm.norms.norm_prop import NormProp
@@ -93,4 +93,5 @@ __all__ = [
     "get",
     "register",
     "resolve",
+    "set_statistics_sync",
 ]

@@ -9,6 +9,12 @@ Public defaults (both): ``gamma_init=0.1`` (BN §4), ``eps=1e-5``, biased batch 
 used to normalize, also the one averaged into the population statistics), ``beta`` fixed at 0 on
 the input and recurrent sites (the LSTM bias ``b`` shifts, BN §3) and learnable, initialized to
 0, on the cell site. Padded entries never enter a statistic.
+
+Under data parallelism (``torch.distributed`` initialized with more than one process) the training
+statistics are, by default, those of the global batch: every process's share counts, as with
+``torch.nn.SyncBatchNorm`` (:func:`rnorm.functional.distributed.synced_masked_moments`). Every
+process must then run the same training-mode forward passes; :func:`set_statistics_sync` turns
+this off.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rnorm.functional.distributed import synced_masked_moments
 from rnorm.functional.normalization import affine, masked_moments, normalize
 from rnorm.norms.base import Normalizer
 from rnorm.norms.registry import register
@@ -39,6 +46,7 @@ class _BatchStatisticsNorm(Normalizer):
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         learn_beta: bool | None = None,
+        sync_statistics: bool = True,
     ) -> None:
         super().__init__(site, num_features)
         if eps <= 0:
@@ -47,12 +55,19 @@ class _BatchStatisticsNorm(Normalizer):
             raise ValueError(f"Expected momentum in (0, 1] or None (cumulative average), but got {momentum}.")
         self.eps = float(eps)
         self.momentum = momentum
+        self.sync_statistics = bool(sync_statistics)
         self.gamma = nn.Parameter(torch.full((num_features,), float(gamma_init)))
         learn_beta = site == "cell" if learn_beta is None else learn_beta
         self.beta = nn.Parameter(torch.zeros(num_features)) if learn_beta else None
         self.register_buffer("running_mean", torch.zeros(0, num_features))
         self.register_buffer("running_var", torch.zeros(0, num_features))
         self.register_buffer("num_batches_tracked", torch.zeros(0, dtype=torch.long))
+
+    def _batch_moments(self, x: Tensor, mask: Tensor | None, dims: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        """Training statistics: over every process's batch if synchronized, else this one's."""
+        if self.sync_statistics:  # the same as masked_moments unless distributed with > 1 process
+            return synced_masked_moments(x, mask, dims)
+        return masked_moments(x, mask, dims)
 
     # -- population statistics ------------------------------------------------------------------
     def _grow(self, num_slots: int) -> None:
@@ -122,6 +137,8 @@ class TimeBatchNorm(_BatchStatisticsNorm):
         momentum: weight of a new minibatch estimate in the running population statistics, or
             ``None`` for a cumulative average (what :func:`estimate_population_statistics` uses).
         learn_beta: learn a shift β; default ``True`` on the cell site only.
+        sync_statistics: synchronize batch statistics across processes when torch.distributed is
+            initialized; no effect otherwise.
 
     Example:
         >>> import torch
@@ -145,7 +162,7 @@ class TimeBatchNorm(_BatchStatisticsNorm):
         num_steps = x.shape[0]
         if self.training:
             self._grow(num_steps)
-            mean, var, count = masked_moments(x, mask, dims=(1,))  # (T, F), (T, F), (T,)
+            mean, var, count = self._batch_moments(x, mask, dims=(1,))  # (T, F), (T, F), (T,)
             self._update(slice(0, num_steps), mean, var, count)
         else:
             mean, var = self._population(torch.arange(num_steps, device=x.device))
@@ -154,7 +171,7 @@ class TimeBatchNorm(_BatchStatisticsNorm):
     def step(self, x: Tensor, t: int, mask: Tensor | None = None) -> Tensor:
         if self.training:
             self._grow(t + 1)
-            mean, var, count = masked_moments(x, mask, dims=(0,))  # (F,), (F,), ()
+            mean, var, count = self._batch_moments(x, mask, dims=(0,))  # (F,), (F,), ()
             self._update(t, mean, var, count)
         else:
             mean, var = self._population(t)
@@ -197,8 +214,32 @@ class SequenceBatchNorm(_BatchStatisticsNorm):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``x`` ``(T, B, F)``, ``mask`` ``(T, B)``; one mean and variance over ``T`` and ``B``."""
         if self.training:
-            mean, var, count = masked_moments(x, mask, dims=(0, 1))  # (F,), (F,), ()
+            mean, var, count = self._batch_moments(x, mask, dims=(0, 1))  # (F,), (F,), ()
             self._update(slice(0, 1), mean.unsqueeze(0), var.unsqueeze(0), count.reshape(1))
         else:
             mean, var = self.running_mean[0], self.running_var[0]
         return self._finish(normalize(x, mean, var, self.eps))
+
+
+def set_statistics_sync(module: nn.Module, enabled: bool) -> int:
+    """Turn the cross-process synchronization of batch statistics on or off in all of ``module``.
+
+    Args:
+        module: any module; every ``bn`` and ``seqbn`` strategy in it (itself included) is set.
+        enabled: synchronize (the default of every strategy) or use each process's own batch.
+
+    Returns:
+        How many strategies changed: those already set to ``enabled`` are not counted.
+
+    Example:
+        >>> from rnorm.nn import NormLSTM
+        >>> lstm = NormLSTM(3, 8, input_norm="seqbn", recurrent_norm="bn", cell_norm="bn")
+        >>> set_statistics_sync(lstm, False), set_statistics_sync(lstm, False)
+        (3, 0)
+    """
+    changed = 0
+    for child in module.modules():
+        if isinstance(child, _BatchStatisticsNorm) and child.sync_statistics != bool(enabled):
+            child.sync_statistics = bool(enabled)
+            changed += 1
+    return changed
