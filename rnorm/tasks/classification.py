@@ -67,7 +67,9 @@ class SequenceClassifier(RecurrentTask):
         accuracy = self.metrics[f"{stage}_acc"]
         accuracy(logits, y)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
+        # sync_dist: under DDP the epoch value averages every process's batches (the accuracy
+        # metric object synchronizes itself).
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 

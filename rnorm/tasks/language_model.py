@@ -101,7 +101,7 @@ class CharLanguageModel(RecurrentTask):
         logits = self(inputs, lengths)
         loss = self._loss(logits, targets, lengths)
         self.train_bpc(logits.detach(), targets, lengths)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=False, batch_size=len(targets))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(targets), sync_dist=True)
         self.log("train/bpc", self.train_bpc, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
         return loss
 
@@ -109,7 +109,7 @@ class CharLanguageModel(RecurrentTask):
         inputs, targets, lengths = self._unpack(batch)
         logits = self(inputs, lengths)
         self.val_bpc.update(logits, targets, lengths)
-        self.log("val/loss", self._loss(logits, targets, lengths), on_epoch=True, batch_size=len(targets))
+        self.log("val/loss", self._loss(logits, targets, lengths), on_epoch=True, batch_size=len(targets), sync_dist=True)
         # Logged as the metric object: its value over the whole stream, not a mean of batch means.
         self.log("val/bpc", self.val_bpc, on_epoch=True, prog_bar=True, batch_size=len(targets))
 
