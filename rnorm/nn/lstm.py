@@ -147,6 +147,7 @@ class NormLSTM(nn.Module):
         *,
         mask: Tensor | None = None,
         hx: tuple[Tensor, Tensor] | None = None,
+        hidden_probe: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Run the layer over padded sequences.
 
@@ -158,6 +159,9 @@ class NormLSTM(nn.Module):
                 axis (``(B, T)`` if ``batch_first``), ``True`` on real steps.
             hx: optional initial ``(h_0, c_0)``, each ``(num_layers * num_directions, B, H)``;
                 by default the learned initial state (with noise in training, if configured).
+            hidden_probe: for gradient-flow analysis: zeros ``(T, B, H)`` (time-major) that
+                require grad, added to every ``h_t`` of the last layer's forward direction; after
+                backward their ``.grad[t]`` is the total ``∂loss/∂h_t`` (BN §4, Fig. 1a).
 
         Returns:
             ``(output, (h_n, c_n))``: ``output`` ``(B, T, num_directions * H)`` (or time-major),
@@ -189,6 +193,7 @@ class NormLSTM(nn.Module):
                 cell = self.cells[index]
                 state = cell.initial_state(batch_size) if hx is None else (hx[0][index], hx[1][index])
                 sequence = layer_input if direction == 0 else reverse_padded(layer_input, lengths)
+                probed = hidden_probe is not None and layer == self.num_layers - 1 and direction == 0
                 output, (h, c) = self.recurrence(
                     cell.input_terms(sequence, step_mask),
                     cell.recurrent_norm.transform_weight(cell.weight_hh),
@@ -196,6 +201,7 @@ class NormLSTM(nn.Module):
                     step_mask,
                     cell.recurrent_norm,
                     cell.cell_norm,
+                    hidden_probe=self._probe_steps(hidden_probe, sequence.shape[0]) if probed else None,
                 )
                 directions.append(output if direction == 0 else reverse_padded(output, lengths))
                 h_n.append(h)
@@ -209,6 +215,14 @@ class NormLSTM(nn.Module):
         if self.batch_first:
             output = output.transpose(0, 1)
         return output, (torch.stack(h_n), torch.stack(c_n))
+
+    def _probe_steps(self, probe: Tensor, num_steps: int) -> Tensor:
+        """The probe's first ``num_steps`` rows, padded with zeros if the recurrence runs longer."""
+        if probe.dim() != 3 or probe.shape[2] != self.hidden_size:
+            raise ValueError(f"Expected hidden_probe of shape (T, B, {self.hidden_size}), but got {tuple(probe.shape)}.")
+        if probe.shape[0] >= num_steps:
+            return probe[:num_steps]
+        return torch.cat([probe, probe.new_zeros(num_steps - probe.shape[0], *probe.shape[1:])])
 
     def _check_input(
         self, x: Tensor, lengths: Tensor | None, mask: Tensor | None, hx: tuple[Tensor, Tensor] | None

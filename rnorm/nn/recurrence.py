@@ -56,6 +56,7 @@ def reference_recurrence(
     mask: Tensor | None,
     recurrent_norm: Normalizer,
     cell_norm: Normalizer,
+    hidden_probe: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """Run the recurrence over all steps, one :func:`lstm_step` at a time.
 
@@ -65,6 +66,10 @@ def reference_recurrence(
         h0, c0: initial state, ``(B, H)`` each.
         mask: ``(T, B)`` boolean, ``True`` on real steps, or ``None`` (no padding).
         recurrent_norm, cell_norm: the strategies of the recurrent and cell sites.
+        hidden_probe: optional ``(T, B, H)`` tensor added to ``h_t`` as soon as it is computed,
+            before anything uses it; with zeros that require grad, its gradient after backward is
+            the total ``∂loss/∂h_t`` through time (BN §4's gradient flow), which the stacked
+            ``output`` cannot give (its gradient is only the direct part).
 
     Returns:
         ``(output, (h_n, c_n))``: ``output`` ``(T, B, H)`` is zero at padded positions; padded
@@ -83,6 +88,8 @@ def reference_recurrence(
         h_new, c_new = lstm_step(
             input_terms[t], h, c, weight_hh_t, t, step_mask, recurrent_norm, cell_norm, hidden_scale
         )
+        if hidden_probe is not None:
+            h_new = h_new + hidden_probe[t]
         if step_mask is None:
             h, c = h_new, c_new
             outputs.append(h)

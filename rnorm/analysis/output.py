@@ -1,0 +1,55 @@
+"""Writing analysis results: numbers as CSV/JSON and figures as PNG, atomically; matplotlib optional."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rnorm.data.download import atomic_write_bytes
+
+MATPLOTLIB_MISSING = (
+    "This analysis draws its figure with matplotlib, which is not installed. Install it with "
+    "`pip install rnorm[plots]` (or `pip install matplotlib`); the numbers do not need it."
+)
+
+
+def require_pyplot() -> Any:
+    """``matplotlib.pyplot`` with the non-interactive Agg backend; a clear ImportError if missing."""
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError(MATPLOTLIB_MISSING) from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """Write rows under a header to ``path`` (never half-written); returns the path."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_bytes(path, buffer.getvalue().encode())
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
+    """Write ``data`` as indented JSON to ``path`` (never half-written); returns the path."""
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+    return Path(path)
+
+
+def save_figure(figure: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG to ``path`` (never half-written) and close it."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    require_pyplot().close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
