@@ -36,7 +36,7 @@ CONFIGS = sorted([*CONFIG_DIR.rglob("*.yaml"), *CONFIG_DIR.rglob("*.yml")])
 CONFIG_IDS = [str(path.relative_to(CONFIG_DIR)) for path in CONFIGS]
 #: Configs that reproduce no paper result, so their header names no table or section.
 NOT_REPRODUCTIONS = {"quickstart.yaml"}
-#: The papers a header may cite: Cooijmans et al. (BN) and Arpit et al. (NP).
+#: The papers a header may cite: Cooijmans et al. (BN) and Laurent et al. (NP).
 PAPERS = ("Recurrent Batch Normalization", "Recurrent Normalization Propagation")
 
 SEQ_LENGTH = 10

@@ -29,6 +29,8 @@ class NormLSTMCell(nn.Module):
         input_norm_kwargs, recurrent_norm_kwargs, cell_norm_kwargs: hyperparameters for them.
         bias: learn the gate bias ``b`` (the only shift of the input and recurrent terms: BN §3).
         learn_initial_state: learn ``h_0`` and ``c_0`` (initialized to zero); else they stay zero.
+            With per-step batch normalization on the recurrent site ``h_0`` stays fixed anyway: its
+            training gradient is identically zero there.
         initial_state_noise: std of Gaussian noise added to ``h_0`` and ``c_0`` in training (BN §5.1).
         input_init: ``orthogonal`` (default) or ``uniform``, per gate block of ``W_x``.
         recurrent_init: ``orthogonal`` (default), ``identity`` or ``uniform``, per gate block of ``W_h``.
@@ -84,6 +86,12 @@ class NormLSTMCell(nn.Module):
         for norm in sites.values():
             norm.attach(sites)
         self._per_step_batch_statistics = any(norm.batch_statistics == "step" for norm in sites.values())
+        if self.recurrent_norm.batch_statistics == "step":
+            # h_0 enters only through W_h h_0, the same for every sample, which per-step batch
+            # normalization subtracts: its gradient is identically 0 in training. Kept fixed, so that
+            # an optimizer like Adam cannot turn round-off into steps that move it (evaluation, with
+            # population statistics, would see the drift).
+            self.h0.requires_grad_(False)
 
     def _synchronized(self) -> bool:
         return world_size() > 1 and any(getattr(norm, "sync_statistics", False) for norm in self.norms)

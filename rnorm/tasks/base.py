@@ -8,13 +8,22 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
+from torch import Tensor, nn
 
 from rnorm.nn import NormLSTM
 
 #: Builds the recurrent encoder from its input size. In YAML a class path with init_args, e.g.
 #: ``{class_path: rnorm.nn.NormLSTM, init_args: {hidden_size: 100, input_norm: bn}}``.
 EncoderFactory = Callable[[int], NormLSTM]
+
+
+def orthogonal_linear(in_features: int, out_features: int) -> nn.Linear:
+    """A linear head with an orthogonal weight and zero bias (the papers initialize every weight
+    matrix orthogonally: BN §5.1–5.3, NP §5.1)."""
+    head = nn.Linear(in_features, out_features)
+    nn.init.orthogonal_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
 
 
 class RecurrentTask(LightningModule):

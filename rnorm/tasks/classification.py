@@ -10,7 +10,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from rnorm.tasks.base import EncoderFactory, RecurrentTask
+from rnorm.tasks.base import EncoderFactory, RecurrentTask, orthogonal_linear
 
 
 class SequenceClassifier(RecurrentTask):
@@ -48,7 +48,7 @@ class SequenceClassifier(RecurrentTask):
     def build(self) -> None:
         num_classes = self.hparams.num_classes
         self.encoder = self._build_encoder(self.hparams.input_size)
-        self.head = nn.Linear(self.encoder.hidden_size * self.encoder.num_directions, num_classes)
+        self.head = orthogonal_linear(self.encoder.hidden_size * self.encoder.num_directions, num_classes)
         self.metrics = nn.ModuleDict(
             {stage: MulticlassAccuracy(num_classes, average="micro") for stage in ("train_acc", "val_acc", "test_acc")}
         )

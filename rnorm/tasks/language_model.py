@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from rnorm.metrics import BitsPerCharacter
 from rnorm.nn.masking import lengths_to_mask
-from rnorm.tasks.base import EncoderFactory, RecurrentTask
+from rnorm.tasks.base import EncoderFactory, RecurrentTask, orthogonal_linear
 
 
 class CharLanguageModel(RecurrentTask):
@@ -65,7 +65,7 @@ class CharLanguageModel(RecurrentTask):
             nn.init.orthogonal_(matrix)
             self.register_buffer("input_matrix", matrix)  # fixed: saved with the model, never trained
         self.encoder = self._build_encoder(width)
-        self.head = nn.Linear(self.encoder.hidden_size * self.encoder.num_directions, vocab_size)
+        self.head = orthogonal_linear(self.encoder.hidden_size * self.encoder.num_directions, vocab_size)
         self.train_bpc, self.val_bpc = BitsPerCharacter(), BitsPerCharacter()
         self.test_bpc = nn.ModuleList()  # one per test dataloader, sized in on_test_start
 

@@ -9,7 +9,7 @@ a failure reads as an ordinary assertion.
 
 The shares are uneven (rows ``[0, 4)`` and ``[4, 7)``) and padded: rank 1 has no unpadded entry at
 some steps, and at one step neither rank has any. In a NormLSTM that needs the layer to run, and
-check, the global batch's steps on every process (``uneven_ends``, expected to fail until it does).
+check, the global batch's steps on every process (``uneven_ends``).
 
 Tolerances. Everything runs in float64. A synchronized statistic adds the two shares' partial
 sums, where one process adds all entries in one pass: the same numbers summed in another order,
