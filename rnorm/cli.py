@@ -6,7 +6,8 @@ by class path in the YAML (``rnorm.tasks.SequenceClassifier``, ``rnorm.data.Sequ
 callbacks are always present and configurable under their own keys: ``population_statistics``
 (:class:`~rnorm.callbacks.PopulationStatistics`) and ``epoch_seed`` (:class:`~rnorm.callbacks.EpochSeed`).
 
-``rnorm normalizers`` lists every registered normalization strategy, plugins included.
+``rnorm normalizers`` lists every registered normalization strategy, plugins included, and
+``rnorm analyze …`` reproduces the papers' analysis figures (:mod:`rnorm.analysis`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ HELP = """usage: rnorm {fit,validate,test,predict} [--config CONFIG] [options]
 Commands:
   fit, validate, test, predict   Lightning's commands; see `rnorm fit --help`
   normalizers                    list the registered normalization strategies
+  analyze ANALYSIS               the papers' analysis figures; see `rnorm analyze --help`
 """
 
 
@@ -61,10 +63,15 @@ def print_normalizers() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rnorm`` console script and of ``python -m rnorm``."""
+    from_python = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["normalizers"]:
         print_normalizers()
         return 0
+    if argv[:1] == ["analyze"]:
+        from rnorm.analysis.cli import main as analyze
+
+        return analyze(argv[1:])
     if argv[:1] == ["--version"]:
         print(f"rnorm {rnorm.__version__}")
         return 0
@@ -78,8 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=argv,
+        args=argv if from_python else None,  # from the shell, LightningCLI reads sys.argv itself
         save_config_kwargs={"overwrite": True},
+        # Tasks build their optimizers from their own `optimizer`/`lr_scheduler` arguments (after
+        # the data-dependent network exists); top-level keys would bypass that.
+        auto_configure_optimizers=False,
     )
     return 0
 

@@ -82,14 +82,17 @@ def reference_recurrence(
     weight_hh_t = weight_hh.t()
     hidden_scale = cell_norm.hidden_scale
     h, c = h0, c0
+    # unbind once: indexing hidden_probe[t] in the loop would give each step's backward a full
+    # (T, B, H) gradient to write, O(T^2) in all.
+    probes = None if hidden_probe is None else hidden_probe.unbind(0)
     outputs = []
     for t in range(num_steps):
         step_mask = None if mask is None else mask[t]
         h_new, c_new = lstm_step(
             input_terms[t], h, c, weight_hh_t, t, step_mask, recurrent_norm, cell_norm, hidden_scale
         )
-        if hidden_probe is not None:
-            h_new = h_new + hidden_probe[t]
+        if probes is not None:
+            h_new = h_new + probes[t]
         if step_mask is None:
             h, c = h_new, c_new
             outputs.append(h)

@@ -1,0 +1,41 @@
+"""`rnorm analyze`: its subcommands, output files, and the message when matplotlib is missing."""
+
+import csv
+import sys
+
+import pytest
+
+from rnorm.analysis.output import MATPLOTLIB_MISSING, require_pyplot
+from rnorm.cli import main
+
+
+def test_analyze_lists_the_four_analyses(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["analyze", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("gradient-flow", "tanh-derivative", "population-stats", "normprop-gradient"):
+        assert name in out
+
+
+def test_analyze_writes_the_numbers_and_says_where(tmp_path, capsys):
+    assert main(["analyze", "tanh-derivative", "--output-dir", str(tmp_path), "--sigmas", "0", "0.5", "1", "--no-plot"]) == 0
+    path = tmp_path / "tanh_derivative.csv"
+    assert f"wrote {path}" in capsys.readouterr().out
+    rows = list(csv.DictReader(path.open()))
+    assert [float(row["sigma"]) for row in rows] == [0.0, 0.5, 1.0]
+    assert float(rows[0]["mean"]) == 1.0  # tanh'(0) = 1 exactly
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_missing_matplotlib_gives_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    with pytest.raises(ImportError, match=r"pip install rnorm\[plots\]") as error:
+        require_pyplot()
+    assert str(error.value) == MATPLOTLIB_MISSING
+
+
+def test_analyze_without_a_command_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["analyze"])
+    assert exit_info.value.code == 2
