@@ -161,12 +161,17 @@ def run(
     )
     paths = [write_csv(output_dir / CSV_NAME, ("gamma_c", "gamma_x", "gamma_h", "jacobian_norm"), rows)]
     if plot:
-        figure, axes = plt.subplots(1, len(gammas_c), figsize=(4.8 * len(gammas_c), 4), squeeze=False)
-        step = (gammas[-1] - gammas[0]) / (2 * (len(gammas) - 1)) if len(gammas) > 1 else 0.5
-        extent = (gammas[0] - step, gammas[-1] + step, gammas[0] - step, gammas[-1] + step)
+        figure, axes = plt.subplots(
+            1, len(gammas_c), figsize=(5.4 * len(gammas_c), 4), squeeze=False, layout="constrained"
+        )
+        # One cell per grid value, labelled with the value: the grid need not be evenly spaced.
+        ticks = list(range(0, len(gammas), max(1, len(gammas) // 8)))
+        labels = [f"{gammas[i]:g}" for i in ticks]
         for k, (ax, gamma_c) in enumerate(zip(axes[0], gammas_c)):
             # rows of the image are γ_x (vertical axis), columns γ_h (horizontal axis)
-            image = ax.imshow(norms[k].numpy(), origin="lower", extent=extent, aspect="auto", cmap="viridis")
+            image = ax.imshow(norms[k].numpy(), origin="lower", aspect="auto", cmap="viridis")
+            ax.set_xticks(ticks, labels)
+            ax.set_yticks(ticks, labels)
             figure.colorbar(image, ax=ax, label=r"$\|\partial h_t / \partial h_{t-1}\|_F / \sqrt{H}$")
             ax.set_xlabel(r"$\gamma_h$")
             ax.set_ylabel(r"$\gamma_x$")

@@ -31,6 +31,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             tmp.write(data)
             tmp.flush()
             os.fsync(tmp.fileno())
+            # Temporary files are private (0600); the result gets the permissions of a plain open().
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp.name, 0o666 & ~umask)
         except BaseException:
             os.unlink(tmp.name)
             raise
