@@ -24,6 +24,7 @@ from rnorm.callbacks import EpochSeed, PopulationStatistics
 
 HELP = """usage: rnorm {fit,validate,test,predict} [--config CONFIG] [options]
        rnorm normalizers
+       rnorm analyze ANALYSIS [options]
        rnorm --version
 
 Commands:
