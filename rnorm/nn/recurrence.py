@@ -82,14 +82,15 @@ def reference_recurrence(
     weight_hh_t = weight_hh.t()
     hidden_scale = cell_norm.hidden_scale
     h, c = h0, c0
-    # unbind once: indexing hidden_probe[t] in the loop would give each step's backward a full
-    # (T, B, H) gradient to write, O(T^2) in all.
+    # Unbind once: indexing input_terms[t] (or hidden_probe[t]) in the loop would give each step's
+    # backward a full (T, B, 4H) gradient to write and sum, O(T^2) in all.
+    steps = input_terms.unbind(0)
     probes = None if hidden_probe is None else hidden_probe.unbind(0)
     outputs = []
     for t in range(num_steps):
         step_mask = None if mask is None else mask[t]
         h_new, c_new = lstm_step(
-            input_terms[t], h, c, weight_hh_t, t, step_mask, recurrent_norm, cell_norm, hidden_scale
+            steps[t], h, c, weight_hh_t, t, step_mask, recurrent_norm, cell_norm, hidden_scale
         )
         if probes is not None:
             h_new = h_new + probes[t]

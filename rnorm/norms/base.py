@@ -89,7 +89,9 @@ class Normalizer(nn.Module):
         override it.
         """
         self.start(x.shape[0])
-        steps = [self.step(x[t], t, None if mask is None else mask[t]) for t in range(x.shape[0])]
+        # unbind, not x[t]: indexing would make each step's backward write a full (T, B, F) gradient
+        rows = x.unbind(0)
+        steps = [self.step(rows[t], t, None if mask is None else mask[t]) for t in range(x.shape[0])]
         return torch.stack(steps)
 
     def start(self, num_steps: int) -> None:
