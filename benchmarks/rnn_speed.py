@@ -1,0 +1,249 @@
+"""Time NormLSTM against torch.nn.LSTM on the papers' shapes, for every normalization strategy.
+
+    python benchmarks/rnn_speed.py --device cpu --shapes pmnist,ptb --norms all --threads 2 --json out.json
+
+For each (norm, shape, mode) both layers are built with the same sizes and dtype (fp32) on the
+device and timed *interleaved* in one process (NormLSTM, then nn.LSTM, every repeat, after
+warmup), so drifts in clock speed or load hit both alike. ``train`` is training mode, forward and
+backward of the sum of the outputs; ``infer`` is eval mode under ``torch.no_grad()``, forward only
+(after one training forward, so that batch statistics have population estimates).
+
+A norm name is applied to every site its strategy supports and ``none`` elsewhere, except
+``seqbn``, which only normalizes the input site and is benchmarked as BN-e* (``seqbn/bn/bn``),
+the model it belongs to. So ``wn`` is ``wn/wn/none``. The ``sites`` of each result record it.
+
+Reported: median milliseconds of each, their ratio NormLSTM / nn.LSTM, and peak memory on CUDA
+(``torch.cuda.max_memory_allocated``, reset before each measured call; ``null`` on CPU, where no
+allocator statistic isolates one call). The JSON is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rnorm import norms
+from rnorm.data.download import atomic_write_bytes
+from rnorm.nn import NormLSTM
+
+#: name -> (T, B, D, H): sequence length, batch, input features, hidden units.
+SHAPES = {
+    "pmnist": (784, 64, 1, 100),
+    "ptb": (100, 64, 50, 1000),
+    "text8": (180, 128, 27, 2000),
+}
+MODES = ("train", "infer")
+SITES = ("input", "recurrent", "cell")
+CPU_MEMORY_NOTE = "peak_mb is null on CPU: torch's CPU allocator has no per-call peak statistic."
+
+
+def sites_of(name: str) -> dict[str, str]:
+    """The strategy of each site for a benchmarked norm name (see the module docstring)."""
+    supported = norms.get(name).supported_sites
+    fallback = "bn" if name == "seqbn" else "none"  # seqbn alone is not a model: BN-e* is seqbn/bn/bn
+    return {f"{site}_norm": name if site in supported else fallback for site in SITES}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--shapes", default="pmnist,ptb,text8", help=f"comma list of {', '.join(SHAPES)}")
+    parser.add_argument("--norms", default="all", help="'all' (every registered strategy) or a comma list")
+    parser.add_argument("--modes", default="train,infer", help="comma list of train, infer")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls of each layer")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each layer first")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--batch-scale", type=float, default=1.0, help="multiply every B (min 2)")
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every T (min 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    def names(value: str, known: Sequence[str], what: str) -> list[str]:
+        chosen = [item.strip() for item in value.split(",") if item.strip()]
+        unknown = [item for item in chosen if item not in known]
+        if unknown or not chosen:
+            parser.error(f"unknown {what} {unknown or value!r}; known: {', '.join(known)}")
+        return chosen
+
+    args.shapes = names(args.shapes, list(SHAPES), "shape")
+    known_norms = list(norms.available())
+    args.norms = known_norms if args.norms.strip() == "all" else names(args.norms, known_norms, "norm")
+    args.modes = names(args.modes, list(MODES), "mode")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but CUDA is not available (torch.cuda.is_available() is False)")
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error(f"need --repeats >= 1 and --warmup >= 0, but got {args.repeats} and {args.warmup}")
+    if not (args.batch_scale > 0 and args.steps_scale > 0):
+        parser.error("--batch-scale and --steps-scale must be positive")
+    return args
+
+
+def machine_info(device: torch.device) -> dict[str, object]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+    }
+
+
+def make_call(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
+    """One benchmarked call of ``model`` on ``x`` in ``mode``."""
+    if mode == "train":
+
+        def call() -> None:
+            output, _ = model(x)
+            output.sum().backward()
+            model.zero_grad(set_to_none=True)
+
+    else:
+
+        def call() -> None:
+            with torch.no_grad():
+                model(x)
+
+    return call
+
+
+def timed(call: Callable[[], None], device: torch.device) -> tuple[float, float | None]:
+    """Milliseconds of one call, and its peak memory in MiB on CUDA (else ``None``)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    call()
+    if cuda:
+        torch.cuda.synchronize(device)
+    elapsed = (time.perf_counter() - start) * 1e3
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+    return elapsed, peak
+
+
+def bench_one(name: str, shape: str, mode: str, args: argparse.Namespace, device: torch.device) -> dict:
+    T, B, D, H = SHAPES[shape]
+    T = max(2, round(T * args.steps_scale))
+    B = max(2, round(B * args.batch_scale))  # batch statistics need 2 samples
+    sites = sites_of(name)
+    torch.manual_seed(args.seed)
+    ours = NormLSTM(D, H, batch_first=True, **sites).to(device, torch.float32)
+    theirs = nn.LSTM(D, H, batch_first=True).to(device, torch.float32)
+    x = torch.randn(B, T, D, device=device)
+    if mode == "infer":
+        with torch.no_grad():
+            ours.train()(x)  # population statistics for bn / seqbn
+        ours.eval()
+        theirs.eval()
+    else:
+        ours.train()
+        theirs.train()
+    calls = {"normlstm": make_call(ours, x, mode), "lstm": make_call(theirs, x, mode)}
+    for _ in range(args.warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {key: [] for key in calls}
+    peaks: dict[str, list[float]] = {key: [] for key in calls}
+    for _ in range(args.repeats):
+        for key, call in calls.items():  # interleaved: NormLSTM, nn.LSTM, NormLSTM, ...
+            elapsed, peak = timed(call, device)
+            times[key].append(elapsed)
+            if peak is not None:
+                peaks[key].append(peak)
+    normlstm_ms, lstm_ms = statistics.median(times["normlstm"]), statistics.median(times["lstm"])
+    return {
+        "norm": name,
+        "sites": "/".join(sites[f"{site}_norm"] for site in SITES),
+        "shape": shape,
+        "T": T,
+        "B": B,
+        "D": D,
+        "H": H,
+        "mode": mode,
+        "normlstm_ms": normlstm_ms,
+        "lstm_ms": lstm_ms,
+        "ratio": normlstm_ms / lstm_ms,
+        "peak_mb": max(peaks["normlstm"]) if peaks["normlstm"] else None,
+        "lstm_peak_mb": max(peaks["lstm"]) if peaks["lstm"] else None,
+    }
+
+
+def format_table(results: list[dict]) -> str:
+    header = f"{'norm':<9}{'sites':<28}{'shape':<8}{'T':>5}{'B':>5}{'H':>6}  {'mode':<6}"
+    header += f"{'NormLSTM ms':>13}{'nn.LSTM ms':>12}{'ratio':>8}{'peak MiB':>10}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+        lines.append(
+            f"{r['norm']:<9}{r['sites']:<28}{r['shape']:<8}{r['T']:>5}{r['B']:>5}{r['H']:>6}  {r['mode']:<6}"
+            f"{r['normlstm_ms']:>13.1f}{r['lstm_ms']:>12.1f}{r['ratio']:>7.1f}x{peak:>10}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    results = []
+    for shape in args.shapes:
+        for name in args.norms:
+            for mode in args.modes:
+                result = bench_one(name, shape, mode, args, device)
+                results.append(result)
+                print(f"  {name} {shape} {mode}: ratio {result['ratio']:.2f}", file=sys.stderr, flush=True)
+    print(format_table(results))
+    elapsed = time.perf_counter() - started
+    print(f"total {elapsed:.0f} s")
+    if args.json is not None:
+        report = {
+            "machine": machine_info(device),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python", "benchmarks/rnn_speed.py", *(sys.argv[1:] if argv is None else argv)]),
+            "settings": {
+                "repeats": args.repeats,
+                "warmup": args.warmup,
+                "steps_scale": args.steps_scale,
+                "batch_scale": args.batch_scale,
+                "dtype": "float32",
+                "statistic": "median",
+            },
+            "notes": {
+                "sites": "input/recurrent/cell: the name on every site it supports, 'none' elsewhere; "
+                "seqbn is BN-e* (seqbn/bn/bn)",
+                "ratio": "normlstm_ms / lstm_ms",
+                "peak_mb": CPU_MEMORY_NOTE if device.type == "cpu" else "torch.cuda.max_memory_allocated per call, MiB",
+            },
+            "total_s": elapsed,
+            "results": results,
+        }
+        if not all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in results):
+            raise RuntimeError("A timing ratio is not a positive finite number.")
+        atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

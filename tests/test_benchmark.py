@@ -1,0 +1,60 @@
+"""benchmarks/rnn_speed.py: the JSON it writes and its errors, on tiny shapes."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from rnorm import norms
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "rnn_speed.py"
+TINY = ["--steps-scale", "0.02", "--batch-scale", "0.125", "--repeats", "2", "--warmup", "1", "--shapes", "ptb"]
+
+
+@pytest.fixture(scope="module")
+def rnn_speed():
+    spec = importlib.util.spec_from_file_location("rnn_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_writes_a_row_per_norm_and_mode_with_consistent_ratios(rnn_speed, tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    assert rnn_speed.main([*TINY, "--norms", "none,bn,wn,seqbn", "--modes", "train,infer", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"platform", "cpu", "torch", "threads", "device", "device_name"} <= set(report["machine"])
+    assert report["date"] and report["machine"]["device"] == "cpu"
+    rows = {(r["norm"], r["mode"]): r for r in report["results"]}
+    assert set(rows) == {(n, m) for n in ("none", "bn", "wn", "seqbn") for m in ("train", "infer")}
+    assert len(report["results"]) == len(rows)
+    for row in report["results"]:
+        assert (row["shape"], row["T"], row["B"], row["D"], row["H"]) == ("ptb", 2, 8, 50, 1000)
+        for key in ("normlstm_ms", "lstm_ms", "ratio"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0
+        assert row["ratio"] == pytest.approx(row["normlstm_ms"] / row["lstm_ms"])
+        assert row["peak_mb"] is None  # CPU: no per-call peak statistic
+    assert rows["none", "train"]["sites"] == "none/none/none"
+    assert rows["bn", "train"]["sites"] == "bn/bn/bn"
+    assert rows["wn", "train"]["sites"] == "wn/wn/none"
+    assert rows["seqbn", "train"]["sites"] == "seqbn/bn/bn"  # BN-e*
+    assert "ratio" in capsys.readouterr().out
+
+
+def test_all_means_every_registered_strategy(rnn_speed):
+    args = rnn_speed.parse_args(["--norms", "all"])
+    assert args.norms == list(norms.available())
+
+
+@pytest.mark.parametrize(
+    ("argv", "listed"),
+    [(["--norms", "none,nosuchnorm"], ", ".join(norms.available())), (["--shapes", "imagenet"], "pmnist, ptb, text8")],
+)
+def test_unknown_names_exit_listing_the_known_ones(rnn_speed, capsys, argv, listed):
+    with pytest.raises(SystemExit) as exit_info:
+        rnn_speed.main([*TINY, *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown" in err and listed in err
