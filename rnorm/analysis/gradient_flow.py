@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnorm import norms
-from rnorm.analysis.output import require_pyplot, save_figure, write_csv
+from rnorm.analysis.output import add_analysis_parser, require_pyplot, save_figure, write_csv
 from rnorm.nn import NormLSTM
 
 __all__ = ["DEFAULT_GAMMAS", "BNTanhRNN", "add_parser", "gradient_flow", "hidden_states", "run"]
@@ -268,12 +268,13 @@ def _figure(results: dict[str, Tensor], gammas: Sequence[float]) -> Any:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``gradient-flow`` subcommand; its ``run`` default takes the namespace, returns the paths."""
-    parser = subparsers.add_parser(
+    parser = add_analysis_parser(
+        subparsers,
         "gradient-flow",
         help="gradient norm over time for several initial gamma (BN Fig. 1a)",
         description=__doc__.split("\n\n")[0],
+        run=_run_from_args,
     )
-    parser.add_argument("--output-dir", default="analysis/", help="where to write the CSV and PNG (default: %(default)s)")
     parser.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (default: the embedded sample)")
     parser.add_argument("--gammas", type=float, nargs="+", default=list(DEFAULT_GAMMAS), help="initial gamma values")
     parser.add_argument("--hidden-size", type=int, default=100)
@@ -281,8 +282,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--steps", type=int, default=None, help="truncate sequences to this many steps (default: all 784)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--permute", action="store_true", help="fixed random pixel order (pMNIST); see the docs")
-    parser.add_argument("--no-plot", dest="plot", action="store_false", help="write the CSV only")
-    parser.set_defaults(run=_run_from_args)
     return parser
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rnorm.analysis.output import require_pyplot, save_figure, write_csv
+from rnorm.analysis.output import add_analysis_parser, require_pyplot, save_figure, write_csv
 from rnorm.nn.cell import NormLSTMCell
 
 DEFAULT_GAMMAS: tuple[float, ...] = tuple(round(0.2 * k, 1) for k in range(1, 16))  # 0.2, 0.4, …, 3.0
@@ -189,19 +189,18 @@ def _run_from_args(args: argparse.Namespace) -> list[Path]:
         hidden_size=args.hidden_size,
         samples=args.samples,
         seed=args.seed,
-        plot=not args.no_plot,
+        plot=args.plot,
     )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``normprop-gradient`` subcommand to ``subparsers``."""
-    parser = subparsers.add_parser(
+    parser = add_analysis_parser(
+        subparsers,
         "normprop-gradient",
         help="norm of dh_t/dh_{t-1} of a Norm-Prop LSTM step over gamma_x, gamma_h (NP Fig. 1)",
         description=__doc__.splitlines()[0],
-    )
-    parser.add_argument(
-        "--output-dir", type=Path, default=Path("analysis"), help="folder to write to (default: analysis/)"
+        run=_run_from_args,
     )
     parser.add_argument(
         "--hidden-size", type=int, default=DEFAULT_HIDDEN_SIZE, help=f"H (default {DEFAULT_HIDDEN_SIZE})"
@@ -214,6 +213,4 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--gammas", type=float, nargs="+", default=None, help="gamma_x and gamma_h grid (default 0.2, 0.4, ..., 3.0)"
     )
     parser.add_argument("--gamma-c", type=float, nargs="+", default=None, help="gamma_c values (default 0.1 1.0)")
-    parser.add_argument("--no-plot", action="store_true", help="write only the CSV (no matplotlib needed)")
-    parser.set_defaults(run=_run_from_args)
     return parser

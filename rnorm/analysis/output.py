@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +54,19 @@ def save_figure(figure: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
     require_pyplot().close(figure)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
+
+
+def add_analysis_parser(
+    subparsers: Any, name: str, help: str, description: str | None, run: Callable[[argparse.Namespace], list[Path]]
+) -> argparse.ArgumentParser:
+    """Add one ``rnorm analyze`` subcommand with the options every analysis has.
+
+    ``--output-dir`` (a :class:`~pathlib.Path`, default ``analysis``) and ``--no-plot`` (stored as
+    ``plot``: write the numbers only, without matplotlib); ``run(namespace)`` is set as the
+    ``run`` default and returns the written paths. The caller adds its own options.
+    """
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.add_argument("--output-dir", type=Path, default=Path("analysis"), help="folder to write to (default: analysis/)")
+    parser.add_argument("--no-plot", dest="plot", action="store_false", help="write only the CSV (no matplotlib needed)")
+    parser.set_defaults(run=run)
+    return parser

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rnorm.analysis.output import require_pyplot, save_figure, write_csv
+from rnorm.analysis.output import add_analysis_parser, require_pyplot, save_figure, write_csv
 
 CSV_NAME = "population_stats.csv"
 PNG_NAME = "population_stats.png"
@@ -146,21 +146,19 @@ def _figure(statistics: dict[str, tuple[Tensor, Tensor]], sampled: dict[str, lis
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``population-stats`` subcommand to an ``argparse`` subparsers object."""
-    parser = subparsers.add_parser(
+    parser = add_analysis_parser(
+        subparsers,
         "population-stats",
         help="plot batch-norm population statistics over time (BN Fig. 5)",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
+        run=_run_from_namespace,
     )
     parser.add_argument("--ckpt_path", required=True, help="checkpoint (or state dict file) of a model trained with bn")
-    parser.add_argument("--output-dir", default="analysis/", help="where the CSV and PNG go (default: analysis/)")
     parser.add_argument("--units", type=int, default=8, help="units sampled per site (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the unit sampling (default: 0)")
     parser.add_argument("--max-sites", type=int, default=None, help="plot only the first N sites (default: all)")
-    parser.add_argument("--no-plot", action="store_true", help="write the CSV only (no matplotlib needed)")
-    parser.set_defaults(run=_run_from_namespace)
     return parser
 
 
 def _run_from_namespace(args: argparse.Namespace) -> list[Path]:
-    plot = not args.no_plot
-    return run(args.ckpt_path, args.output_dir, args.units, args.seed, plot=plot, max_sites=args.max_sites)
+    return run(args.ckpt_path, args.output_dir, args.units, args.seed, plot=args.plot, max_sites=args.max_sites)

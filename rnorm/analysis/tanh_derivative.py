@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rnorm.analysis.output import require_pyplot, save_figure, write_csv
+from rnorm.analysis.output import add_analysis_parser, require_pyplot, save_figure, write_csv
 from rnorm.functional.normprop import gaussian_expectation
 
 DEFAULT_NUM_SIGMAS = 21  # σ = 0, 0.05, …, 1, the range of BN Fig. 1b
@@ -99,22 +99,19 @@ def run(output_dir: str | os.PathLike, sigmas: Sequence[float] | None = None, pl
 
 
 def _run_from_args(args: argparse.Namespace) -> list[Path]:
-    return run(args.output_dir, sigmas=args.sigmas, plot=not args.no_plot)
+    return run(args.output_dir, sigmas=args.sigmas, plot=args.plot)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``tanh-derivative`` subcommand to ``subparsers``."""
-    parser = subparsers.add_parser(
+    parser = add_analysis_parser(
+        subparsers,
         "tanh-derivative",
         help="E[tanh'(x)] and its interquartile range for x ~ N(0, sigma^2) (BN Fig. 1b)",
         description=__doc__.splitlines()[0],
-    )
-    parser.add_argument(
-        "--output-dir", type=Path, default=Path("analysis"), help="folder to write to (default: analysis/)"
+        run=_run_from_args,
     )
     parser.add_argument(
         "--sigmas", type=float, nargs="+", default=None, help="sigma grid (default: 21 points from 0 to 1)"
     )
-    parser.add_argument("--no-plot", action="store_true", help="write only the CSV (no matplotlib needed)")
-    parser.set_defaults(run=_run_from_args)
     return parser

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from rnorm.functional.distributed import world_size
 from rnorm.nn.init import INPUT_INITS, RECURRENT_INITS, init_gate_blocks
-from rnorm.nn.recurrence import lstm_step
+from rnorm.nn.recurrence import hidden_scale_of, lstm_step
 from rnorm.norms import NormalizerSpec, resolve
 
 
@@ -155,7 +155,7 @@ class NormLSTMCell(nn.Module):
             input_term = input_term + self.bias
         weight_hh_t = self.recurrent_norm.transform_weight(self.weight_hh).t()
         h_new, c_new = lstm_step(
-            input_term, h, c, weight_hh_t, t, mask, self.recurrent_norm, self.cell_norm, self.cell_norm.hidden_scale
+            input_term, h, c, weight_hh_t, t, mask, self.recurrent_norm, self.cell_norm, hidden_scale_of(self.cell_norm)
         )
         if mask is None:
             return h_new, c_new

@@ -23,7 +23,7 @@ def lstm_step(
     mask: Tensor | None,
     recurrent_norm: Normalizer,
     cell_norm: Normalizer,
-    hidden_scale: float | Tensor = 1.0,
+    hidden_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One LSTM step with normalized recurrent term and cell (BN eq. 6–8, NP eq. 15–17).
 
@@ -34,7 +34,8 @@ def lstm_step(
         t: the step index (0-based), for step-dependent strategies.
         mask: ``(B,)`` boolean, ``True`` where the sequence has not ended, or ``None``.
         recurrent_norm, cell_norm: the strategies of the recurrent and cell sites.
-        hidden_scale: ``cell_norm.hidden_scale``, read once per sequence by the caller.
+        hidden_scale: :func:`hidden_scale_of` ``(cell_norm)``, read once per sequence by the caller;
+            ``None`` when it is 1.
 
     Returns:
         The new ``(h, c)``, each ``(B, H)``, not yet masked.
@@ -43,9 +44,15 @@ def lstm_step(
     i, f, g, o = gates.chunk(4, dim=1)  # torch.nn.LSTM's gate order
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # eq. 7
     h = torch.sigmoid(o) * torch.tanh(cell_norm.step(c, t, mask))  # eq. 8
-    if not (isinstance(hidden_scale, float) and hidden_scale == 1.0):
+    if hidden_scale is not None:
         h = h * hidden_scale  # Norm-Prop's 1 / sqrt(Var[h_t]), NP eq. 17
     return h, c
+
+
+def hidden_scale_of(cell_norm: Normalizer) -> Tensor | None:
+    """The cell site's constant factor on ``h_t``, or ``None`` when it is 1 (every strategy but Norm-Prop)."""
+    scale = cell_norm.hidden_scale
+    return None if isinstance(scale, float) and scale == 1.0 else scale
 
 
 def reference_recurrence(
@@ -80,7 +87,7 @@ def reference_recurrence(
     recurrent_norm.start(num_steps)
     cell_norm.start(num_steps)
     weight_hh_t = weight_hh.t()
-    hidden_scale = cell_norm.hidden_scale
+    hidden_scale = hidden_scale_of(cell_norm)
     h, c = h0, c0
     # Unbind once: indexing input_terms[t] (or hidden_probe[t]) in the loop would give each step's
     # backward a full (T, B, 4H) gradient to write and sum, O(T^2) in all.
