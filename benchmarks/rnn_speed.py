@@ -36,6 +36,7 @@ from torch import nn
 from rnorm import norms
 from rnorm.data.download import atomic_write_bytes
 from rnorm.nn import NormLSTM
+from rnorm.nn.recurrence import RECURRENCES
 
 #: name -> (T, B, D, H): sequence length, batch, input features, hidden units.
 SHAPES = {
@@ -68,6 +69,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-scale", type=float, default=1.0, help="multiply every B (min 2)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every T (min 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--impl", default="fused", choices=sorted(RECURRENCES), help="NormLSTM's recurrence implementation (default: fused)"
+    )
     args = parser.parse_args(argv)
 
     def names(value: str, known: Sequence[str], what: str) -> list[str]:
@@ -147,7 +151,7 @@ def bench_one(name: str, shape: str, mode: str, args: argparse.Namespace, device
     B = max(2, round(B * args.batch_scale))  # batch statistics need 2 samples
     sites = sites_of(name)
     torch.manual_seed(args.seed)
-    ours = NormLSTM(D, H, batch_first=True, **sites).to(device, torch.float32)
+    ours = NormLSTM(D, H, batch_first=True, impl=args.impl, **sites).to(device, torch.float32)
     theirs = nn.LSTM(D, H, batch_first=True).to(device, torch.float32)
     x = torch.randn(B, T, D, device=device)
     if mode == "infer":
@@ -180,6 +184,7 @@ def bench_one(name: str, shape: str, mode: str, args: argparse.Namespace, device
         "D": D,
         "H": H,
         "mode": mode,
+        "impl": args.impl,
         "normlstm_ms": normlstm_ms,
         "lstm_ms": lstm_ms,
         "ratio": normlstm_ms / lstm_ms,

@@ -3,7 +3,7 @@
 from rnorm.nn.cell import NormLSTMCell
 from rnorm.nn.lstm import NormLSTM
 from rnorm.nn.masking import lengths_to_mask, mask_to_lengths, reverse_padded
-from rnorm.nn.recurrence import RECURRENCES, lstm_step, reference_recurrence
+from rnorm.nn.recurrence import RECURRENCES, lstm_step, reference_layer, reference_recurrence
 
 __all__ = [
     "RECURRENCES",
@@ -12,6 +12,7 @@ __all__ = [
     "lengths_to_mask",
     "lstm_step",
     "mask_to_lengths",
+    "reference_layer",
     "reference_recurrence",
     "reverse_padded",
 ]

@@ -39,7 +39,9 @@ class NormLSTM(nn.Module):
         input_init: initializer of ``W_x`` per gate block: ``orthogonal`` or ``uniform``.
         recurrent_init: initializer of ``W_h`` per gate block: ``orthogonal``, ``identity`` or ``uniform``.
         forget_bias: initial forget-gate bias.
-        impl: the recurrence implementation (see :data:`rnorm.nn.recurrence.RECURRENCES`).
+        impl: the recurrence implementation: ``fused`` (default, :mod:`rnorm.nn.fused`; the
+            reference loop for strategies without a fused form) or ``reference`` (the per-step
+            loop of the papers' equations); see :data:`rnorm.nn.recurrence.RECURRENCES`.
 
     Example:
         >>> import torch
@@ -69,7 +71,7 @@ class NormLSTM(nn.Module):
         input_init: str = "orthogonal",
         recurrent_init: str = "orthogonal",
         forget_bias: float = 0.0,
-        impl: str = "reference",
+        impl: str = "fused",
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -195,12 +197,10 @@ class NormLSTM(nn.Module):
                 sequence = layer_input if direction == 0 else reverse_padded(layer_input, lengths)
                 probed = hidden_probe is not None and layer == self.num_layers - 1 and direction == 0
                 output, (h, c) = self.recurrence(
-                    cell.input_terms(sequence, step_mask),
-                    cell.recurrent_norm.transform_weight(cell.weight_hh),
+                    cell,
+                    sequence,
                     *state,
                     step_mask,
-                    cell.recurrent_norm,
-                    cell.cell_norm,
                     hidden_probe=self._probe_steps(hidden_probe, sequence.shape[0]) if probed else None,
                 )
                 directions.append(output if direction == 0 else reverse_padded(output, lengths))

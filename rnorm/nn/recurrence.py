@@ -1,17 +1,22 @@
 """The LSTM recurrence over time, behind one function the layer dispatches to.
 
 ``reference`` is the straightforward per-step loop: readable, exactly the papers' equations, and
-the implementation every faster path is tested against.
+the implementation every faster path is tested against. ``fused`` (:mod:`rnorm.nn.fused`) is the
+fast path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from rnorm.norms.base import Normalizer
+
+if TYPE_CHECKING:
+    from rnorm.nn.cell import NormLSTMCell
 
 
 def lstm_step(
@@ -112,14 +117,52 @@ def reference_recurrence(
     return torch.stack(outputs), (h, c)
 
 
+def reference_layer(
+    cell: NormLSTMCell,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    mask: Tensor | None,
+    hidden_probe: Tensor | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One direction of one layer, the reference way: the input terms of all steps at once
+    (:meth:`NormLSTMCell.input_terms`), then :func:`reference_recurrence`.
+
+    Args:
+        cell: the weights and strategies.
+        x: ``(T, B, D)``.
+        h0, c0: ``(B, H)`` each.
+        mask: ``(T, B)`` boolean or ``None``.
+        hidden_probe: see :func:`reference_recurrence`.
+    """
+    return reference_recurrence(
+        cell.input_terms(x, mask),
+        cell.recurrent_norm.transform_weight(cell.weight_hh),
+        h0,
+        c0,
+        mask,
+        cell.recurrent_norm,
+        cell.cell_norm,
+        hidden_probe,
+    )
+
+
+def _fused_layer(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    from rnorm.nn.fused import fused_layer  # imported late: rnorm.nn.fused imports this module
+
+    return fused_layer(*args, **kwargs)
+
+
 Recurrence = Callable[..., tuple[Tensor, tuple[Tensor, Tensor]]]
 
-#: Implementations of the recurrence by name; all take and return what ``reference_recurrence`` does.
-RECURRENCES: dict[str, Recurrence] = {"reference": reference_recurrence}
+#: Implementations of one direction of one layer by name; all take and return what
+#: :func:`reference_layer` does. ``fused`` (:func:`rnorm.nn.fused.fused_layer`) runs the
+#: reference for strategies that have no fused form.
+RECURRENCES: dict[str, Recurrence] = {"reference": reference_layer, "fused": _fused_layer}
 
 
 def get_recurrence(impl: str) -> Recurrence:
-    """The recurrence implementation named ``impl``; ``ValueError`` listing the names if unknown."""
+    """The implementation named ``impl``; ``ValueError`` listing the names if unknown."""
     try:
         return RECURRENCES[impl]
     except KeyError:

@@ -25,13 +25,43 @@ the layer calls all of them the same way and never asks which kind it holds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import ClassVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 SITES: tuple[str, ...] = ("input", "recurrent", "cell")
+
+
+@dataclass(frozen=True)
+class FusedStep:
+    """What :meth:`Normalizer.step` computes over a whole sequence, in a form the fused
+    recurrence (:mod:`rnorm.nn.fused`) runs without calling the strategy at every step.
+
+    ``kind``:
+
+    * ``"identity"``: ``y = x``.
+    * ``"affine"``: ``y_t = x_t * scale[t] + shift[t]`` with ``scale``, ``shift`` ``(S, F)``, ``S``
+      either 1 (the same at every step) or the sequence length; ``shift`` may be ``None``.
+    * ``"batch"``: ``y_t = gamma * (x_t - mean_t) / sqrt(var_t + eps) + beta`` with the masked mean
+      and biased variance of ``x_t`` over the batch (BN eq. 5); ``record`` is then called once
+      after the forward pass with the per-step ``mean``, ``var`` ``(T, F)`` and unpadded ``count``
+      ``(T,)``, to update population statistics.
+    * ``"layer"``: the same with the mean and variance over the features of each row.
+    * ``"sequence"`` (input site only): the same with one mean and variance over every unpadded
+      step and sample; ``record`` gets them as ``(1, F)``, with ``count`` ``(1,)``.
+
+    ``scale``/``gamma`` and ``shift``/``beta`` may require grad: the fused backward returns
+    their gradients.
+    """
+
+    kind: Literal["identity", "affine", "batch", "layer", "sequence"]
+    scale: Tensor | None = None
+    shift: Tensor | None = None
+    eps: float = 0.0
+    record: Callable[[Tensor, Tensor, Tensor], None] | None = None
 
 
 class Normalizer(nn.Module):
@@ -109,6 +139,16 @@ class Normalizer(nn.Module):
             ``(B, F)``; rows where ``mask`` is ``False`` are unspecified.
         """
         return x
+
+    def fused_step(self, num_steps: int) -> FusedStep | None:
+        """The form of :meth:`step` over ``num_steps`` steps for the fused recurrence, or ``None``
+        when it has none (the layer then runs the reference loop, which calls :meth:`step`).
+
+        Called after :meth:`start`, once per forward pass. The default describes strategies that
+        leave :meth:`step` alone (the identity); strategies that override :meth:`step` override
+        this too to run on the fused path.
+        """
+        return FusedStep("identity") if type(self).step is Normalizer.step else None
 
     @property
     def hidden_scale(self) -> float:

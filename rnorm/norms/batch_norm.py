@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rnorm.functional.distributed import synced_masked_moments
+from rnorm.functional.distributed import synced_masked_moments, world_size
 from rnorm.functional.normalization import affine, masked_moments, normalize
-from rnorm.norms.base import Normalizer
+from rnorm.norms.base import FusedStep, Normalizer
 from rnorm.norms.registry import register
 
 
@@ -177,6 +177,20 @@ class TimeBatchNorm(_BatchStatisticsNorm):
             mean, var = self._population(t)
         return self._finish(normalize(x, mean, var, self.eps))
 
+    def fused_step(self, num_steps: int) -> FusedStep | None:
+        if not self.training:  # population statistics: a fixed affine map per step
+            mean, var = self._population(torch.arange(num_steps, device=self.gamma.device))  # (T, F) each
+            scale = self.gamma * torch.rsqrt(var + self.eps)
+            shift = -mean * scale if self.beta is None else self.beta - mean * scale
+            return FusedStep("affine", scale, shift)
+        if self.sync_statistics and world_size() > 1:
+            return None  # the reference loop all-reduces each step's statistics
+
+        def record(mean: Tensor, var: Tensor, count: Tensor) -> None:
+            self._update(slice(0, num_steps), mean, var, count)
+
+        return FusedStep("batch", self.gamma, self.beta, self.eps, record)
+
     def _population(self, t: int | Tensor) -> tuple[Tensor, Tensor]:
         """Population mean and variance of step(s) ``t``, using ``T_max`` beyond it (BN §3)."""
         if self.t_max == 0:  # never trained: behave as an untrained torch.nn.BatchNorm1d would
@@ -210,6 +224,19 @@ class SequenceBatchNorm(_BatchStatisticsNorm):
             "seqbn normalizes a whole sequence at once and cannot run one step at a time "
             "(NormLSTMCell.forward); run the sequence through NormLSTM, or use 'bn' on this site."
         )
+
+    def fused_step(self, num_steps: int) -> FusedStep | None:
+        if not self.training:
+            scale = self.gamma * torch.rsqrt(self.running_var[:1] + self.eps)  # (1, F)
+            shift = -self.running_mean[:1] * scale
+            return FusedStep("affine", scale, shift if self.beta is None else shift + self.beta)
+        if self.sync_statistics and world_size() > 1:
+            return None
+
+        def record(mean: Tensor, var: Tensor, count: Tensor) -> None:
+            self._update(slice(0, 1), mean, var, count)
+
+        return FusedStep("sequence", self.gamma, self.beta, self.eps, record)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``x`` ``(T, B, F)``, ``mask`` ``(T, B)``; one mean and variance over ``T`` and ``B``."""

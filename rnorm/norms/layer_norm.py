@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from rnorm.functional.normalization import affine, layer_moments, normalize
-from rnorm.norms.base import Normalizer
+from rnorm.norms.base import FusedStep, Normalizer
 from rnorm.norms.registry import register
 
 
@@ -49,6 +49,9 @@ class LayerNorm(Normalizer):
 
     def step(self, x: Tensor, t: int, mask: Tensor | None = None) -> Tensor:
         return self.forward(x)
+
+    def fused_step(self, num_steps: int) -> FusedStep:
+        return FusedStep("layer", self.gamma, self.beta, self.eps)
 
     def output_std(self) -> float:
         return float(self.gamma.detach().abs().mean())

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from rnorm.functional.normprop import DEFAULT_QUADRATURE_POINTS, normprop_variances
-from rnorm.norms.base import Normalizer
+from rnorm.norms.base import FusedStep, Normalizer
 from rnorm.norms.registry import register
 from rnorm.norms.weight_norm import RowScaledWeight
 
@@ -97,6 +97,11 @@ class NormProp(RowScaledWeight):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         return self.step(x, 0, None)
+
+    def fused_step(self, num_steps: int) -> FusedStep:
+        if self.site != "cell":
+            return FusedStep("identity")
+        return FusedStep("affine", (self.gamma * torch.rsqrt(self.cell_var)).unsqueeze(0))  # (1, H), eq. 17
 
     @property
     def hidden_scale(self) -> float | Tensor:
