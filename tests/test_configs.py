@@ -26,7 +26,7 @@ from rnorm import cli as cli_module
 from rnorm import norms
 from rnorm.callbacks import PopulationStatistics
 from rnorm.data import text as text_module
-from rnorm.data import write_idx
+from rnorm.data import write_idx, write_synthetic_corpus
 from rnorm.data.idx import IDXFormatError
 from rnorm.data.mnist import MNIST_FILES
 from rnorm.norms.batch_norm import _BatchStatisticsNorm
@@ -153,6 +153,14 @@ def _data_args(config: dict, tmp_path: Path, monkeypatch) -> list[str]:
         if init.get("eval_lengths"):
             args.append(f"--data.init_args.eval_lengths={EVAL_LENGTHS}")
         return args
+    if data["class_path"].endswith("QADataModule"):
+        # A generated corpus in the DeepMind .question format (the real one cannot be downloaded here).
+        folder = tmp_path / "cnn"
+        write_synthetic_corpus(folder, num_train=40, num_valid=8, num_test=8, seed=0)
+        return [f"--data.init_args.data_dir={folder}", "--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=4"]
+    if data["class_path"].endswith("BinarizedMNISTDataModule"):
+        # The MNIST sample shipped with rnorm, binarized at 0.5, instead of the fixed .amat files.
+        return ["--data.init_args.source=mnist", "--data.init_args.data_dir=null", "--data.init_args.batch_size=4"]
     pytest.fail(f"No small data for {data['class_path']}: add it to _data_args")
 
 
@@ -202,10 +210,16 @@ def test_config_fits_and_tests_under_fast_dev_run(path, tmp_path, monkeypatch):
     population = [c for c in trainer.callbacks if isinstance(c, PopulationStatistics)]
     assert len(population) == 1 and population[0].num_batches == 2
     # Before the validation, an exact estimate averaged the 2 batches at every training step.
-    steps = getattr(cli.datamodule, "sequence_length", None) or cli.datamodule.seq_length
+    # Fixed-length data: every step; variable-length (QA) or stepwise models (DRAW): the first step,
+    # which every batch has.
+    steps = getattr(cli.datamodule, "sequence_length", None) or getattr(cli.datamodule, "seq_length", None) or 1
     batch_norms = [m for m in cli.model.modules() if isinstance(m, _BatchStatisticsNorm)]
-    encoder = config["model"]["init_args"]["encoder"].get("init_args", {})
-    sites = [encoder.get(f"{site}_norm", "bn") for site in ("input", "recurrent", "cell")]  # NormLSTM's default: bn
+    model_args = config["model"]["init_args"]
+    sites = [model_args.get("attention_norm", "none")]
+    for factory in ("encoder", "decoder"):
+        if factory in model_args:
+            init = model_args[factory].get("init_args", {})
+            sites += [init.get(f"{site}_norm", "bn") for site in ("input", "recurrent", "cell")]  # the default: bn
     assert bool(batch_norms) == any(name in ("bn", "seqbn") for name in sites)
     for norm in batch_norms if population[0].mode == "exact" else []:
         assert norm.num_batches_tracked[:steps].tolist() == [2] * steps, norm

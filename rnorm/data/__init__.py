@@ -2,6 +2,8 @@
 
 from rnorm.data.idx import IDXFormatError, read_idx, write_idx
 from rnorm.data.mnist import EpochSeededRandomSampler, SequentialMNISTDataModule
+from rnorm.data.qa import QADataModule, QAExample, QAFormatError, parse_question_file
+from rnorm.data.qa_synthetic import write_synthetic_corpus
 from rnorm.data.text import CharLMDataModule, CharWindows, EpochCropSampler
 
 __all__ = [
@@ -10,7 +12,12 @@ __all__ = [
     "EpochCropSampler",
     "EpochSeededRandomSampler",
     "IDXFormatError",
+    "QADataModule",
+    "QAExample",
+    "QAFormatError",
     "SequentialMNISTDataModule",
+    "parse_question_file",
     "read_idx",
     "write_idx",
+    "write_synthetic_corpus",
 ]
