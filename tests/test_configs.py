@@ -160,7 +160,13 @@ def _data_args(config: dict, tmp_path: Path, monkeypatch) -> list[str]:
         return [f"--data.init_args.data_dir={folder}", "--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=4"]
     if data["class_path"].endswith("BinarizedMNISTDataModule"):
         # The MNIST sample shipped with rnorm, binarized at 0.5, instead of the fixed .amat files.
-        return ["--data.init_args.source=mnist", "--data.init_args.data_dir=null", "--data.init_args.batch_size=4"]
+        return [
+            "--data.init_args.source=mnist",
+            "--data.init_args.data_dir=null",
+            "--data.init_args.batch_size=4",
+            "--data.init_args.val_size=8",
+            "--model.init_args.glimpses=3",
+        ]
     pytest.fail(f"No small data for {data['class_path']}: add it to _data_args")
 
 
