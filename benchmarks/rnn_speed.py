@@ -35,8 +35,7 @@ from torch import nn
 
 from rnorm import norms
 from rnorm.data.download import atomic_write_bytes
-from rnorm.nn import NormLSTM
-from rnorm.nn.recurrence import RECURRENCES
+from rnorm.nn import RECURRENCES, NormLSTM
 
 #: name -> (T, B, D, H): sequence length, batch, input features, hidden units.
 SHAPES = {

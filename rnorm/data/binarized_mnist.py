@@ -22,7 +22,6 @@ order, **without labels** (the fixed binarization has none, and a generative mod
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +46,7 @@ from rnorm.data.mnist import (
     _find,
     _read_pair,
 )
+from rnorm.data.seeding import keyed_generator
 
 __all__ = ["AMAT_FILES", "AmatFormatError", "BinarizedImages", "BinarizedMNISTDataModule", "read_amat"]
 
@@ -118,12 +118,6 @@ def _line_problem(tokens: list[bytes], num_values: int) -> str:
     return f"expected 0 or 1 but value {position} is {token.decode(errors='replace')!r}"
 
 
-def _seed_of(*key: object) -> int:
-    """A 63-bit seed from a key; sha256 so that nearby keys share no streams."""
-    digest = hashlib.sha256(":".join(map(str, key)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 class EpochIndexSampler(EpochSeededRandomSampler):
     """The epoch-seeded training order, yielding ``(epoch, index)``: the dataset draws its noise from both.
 
@@ -179,7 +173,7 @@ class BinarizedImages(Dataset):
         intensity = pixels.float().div_(255)
         if self.binarization == "threshold":
             return (intensity > self.threshold).float()
-        generator = torch.Generator().manual_seed(_seed_of(self.seed, self.split, epoch, index))
+        generator = keyed_generator(self.seed, self.split, epoch, index)
         return (torch.rand(intensity.shape, generator=generator) < intensity).float()
 
 

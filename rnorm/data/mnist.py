@@ -26,7 +26,6 @@ Two choices make runs repeatable:
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -39,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rnorm.data.download import download as download_file
 from rnorm.data.idx import IDXFormatError, read_idx
+from rnorm.data.seeding import keyed_generator
 
 __all__ = ["EpochSeededRandomSampler", "SequentialMNIST", "SequentialMNISTDataModule"]
 
@@ -112,10 +112,7 @@ class EpochSeededRandomSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        # sha256 of "seed:epoch" rather than seed + epoch, so that seeds 0 and 1 share no epoch orders.
-        digest = hashlib.sha256(f"{self.seed}:{self.epoch}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-        yield from torch.randperm(self.num_samples, generator=generator).tolist()
+        yield from torch.randperm(self.num_samples, generator=keyed_generator(self.seed, self.epoch)).tolist()
 
     def __len__(self) -> int:
         return self.num_samples

@@ -73,6 +73,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rnorm.data.download import download as download_file
 from rnorm.data.qa_synthetic import SPLIT_FOLDERS, write_synthetic_corpus
+from rnorm.data.seeding import keyed_generator
 
 __all__ = [
     "BucketBatchSampler",
@@ -304,10 +305,6 @@ def encode_example(
 
 
 # -- datasets, samplers, batches -----------------------------------------------------------------
-def _generator(*parts: object) -> torch.Generator:
-    # sha256 of "a:b:…" rather than a sum, so that neighbouring seeds share no epochs.
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 class QADataset(Dataset):
@@ -379,7 +376,7 @@ class EpochDrawSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        generator = _generator(self.seed, self.epoch, "draws")
+        generator = keyed_generator(self.seed, self.epoch, "draws")
         if self.replacement:
             yield from torch.randint(self.num_examples, (self.num_draws,), generator=generator).tolist()
         else:
@@ -425,7 +422,7 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         batches = self._batches()
-        generator = _generator(self.sampler.seed, self.sampler.epoch, "batches")
+        generator = keyed_generator(self.sampler.seed, self.sampler.epoch, "batches")
         order = torch.randperm(len(batches), generator=generator).tolist()
         seeds = torch.randint(2**62, (len(self.sampler),), generator=generator).tolist()
         position = 0

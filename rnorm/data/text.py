@@ -51,7 +51,6 @@ encoding happens lazily in the ``*_dataloader`` hooks, which Lightning calls aft
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import math
 import os
@@ -71,6 +70,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rnorm.data.download import atomic_write_bytes
 from rnorm.data.download import download as download_file
+from rnorm.data.seeding import keyed_generator
 
 __all__ = ["CharLMDataModule", "CharWindows", "EpochCropSampler", "epoch_starts", "segment_starts"]
 
@@ -96,12 +96,6 @@ _GZIP_MAGIC, _ZIP_MAGIC = b"\x1f\x8b", b"PK\x03\x04"
 
 
 # -- example positions ---------------------------------------------------------------------------
-def _generator(seed: int, epoch: int) -> torch.Generator:
-    # sha256 of "seed:epoch" rather than seed + epoch, so that seeds 0 and 1 share no epochs.
-    digest = hashlib.sha256(f"{seed}:{epoch}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
 def epoch_starts(
     num_chars: int, seq_length: int, seed: int, epoch: int, crop: bool = True, shuffle: bool = True
 ) -> Tensor:
@@ -113,7 +107,7 @@ def epoch_starts(
     them in a random order. Both draws depend only on ``(seed, epoch)``.
     """
     count, spare = divmod(num_chars - 1, seq_length)
-    generator = _generator(seed, epoch)
+    generator = keyed_generator(seed, epoch)
     offset = int(torch.randint(spare + 1, (), generator=generator)) if crop else 0
     starts = offset + seq_length * torch.arange(count)
     return starts[torch.randperm(count, generator=generator)] if shuffle else starts

@@ -1,9 +1,9 @@
 """Normalized LSTM cells and layers, and padding utilities."""
 
 from rnorm.nn.cell import NormLSTMCell
-from rnorm.nn.lstm import NormLSTM
+from rnorm.nn.lstm import RECURRENCES, NormLSTM
 from rnorm.nn.masking import lengths_to_mask, mask_to_lengths, reverse_padded
-from rnorm.nn.recurrence import RECURRENCES, lstm_step, reference_layer, reference_recurrence
+from rnorm.nn.recurrence import lstm_step, reference_layer, reference_recurrence
 
 __all__ = [
     "RECURRENCES",

@@ -86,12 +86,12 @@ def fused_layer(
     inp, rec, cel = (norm.fused_step(num_steps) for norm in norms)
     if rec is None or cel is None:
         return reference_layer(cell, x, h0, c0, mask, hidden_probe)
-    statistics = {}
+    sequence_statistics = None  # seqbn's (mean, var, count, record), from x's covariance
     if inp is not None and inp.kind == "sequence":
-        # From x's covariance when that is cheap (D <= H: D² per sample); else before the loop.
-        inp, statistics["input"] = _sequence_statistics(inp, cell, x, mask) if x.shape[2] <= hidden else (None, None)
-        if inp is None:
-            del statistics["input"]
+        if x.shape[2] <= hidden:  # the covariance is cheap (D² per sample): an affine map in the loop
+            inp, sequence_statistics = _sequence_statistics(inp, cell, x, mask)
+        else:  # the input terms before the loop, as in the reference
+            inp = None
 
     # z-space: the g block's pre-activation doubled (one sigmoid then gives tanh(a) = 2 σ(2a) − 1),
     # applied with autograd to whatever produces it, so that gradients map back by themselves.
@@ -147,12 +147,12 @@ def fused_layer(
     else:
         with torch.no_grad():
             output, h_n, c_n, _ = _forward(plan, *tensors, save=False)
+    if sequence_statistics is not None:
+        mean, var, count, record = sequence_statistics
+        record(mean, var, count)
     fused_sites = {"input": inp, "rec": rec, "cell": cel}
-    for site, (mean, var) in plan.statistics.items():
-        statistics[site] = (mean, var, counts, fused_sites[site].record)
-    for mean, var, count, record in statistics.values():
-        if record is not None:
-            record(mean, var, count)
+    for site, (mean, var) in plan.statistics.items():  # batch kinds only; they all record
+        fused_sites[site].record(mean, var, counts)
     return output, (h_n, c_n)
 
 
@@ -434,6 +434,7 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
     chat_factor = 1.0 if cell_kind == "identity" else 0.5
     if hidden_scale is not None:
         chat_factor = hidden_scale * chat_factor
+    scale_chat = hidden_scale is not None or chat_factor != 1.0
     g_block = slice(2 * hidden, 3 * hidden)
     deriv = new(batch_size, gates)  # per step: ∂z-gate/∂(its output) times what that output multiplies
     layer_gates, layer_hidden = _layer_weights(act, gates), _layer_weights(act, hidden)
@@ -471,7 +472,7 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
         # -- through h = o tanh(ĉ) and the cell site ----------------------------------------------
         cell_coef = torch.addcmul(o, o * tc, tc, value=-1.0)  # o (1 - tanh²(ĉ))
         d_chat = torch.mul(dh_new, cell_coef, out=None if grad_chat is None else grad_chat[t])
-        if not isinstance(chat_factor, float) or chat_factor != 1.0:
+        if scale_chat:
             d_chat.mul_(chat_factor)
         if cell_kind == "identity":
             d_cell = d_chat

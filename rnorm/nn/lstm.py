@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,9 +11,26 @@ from torch import Tensor, nn
 
 from rnorm.functional.distributed import global_step_counts, world_size
 from rnorm.nn.cell import NormLSTMCell
+from rnorm.nn.fused import fused_layer
 from rnorm.nn.masking import check_lengths, lengths_to_mask, mask_to_lengths, reverse_padded
-from rnorm.nn.recurrence import get_recurrence
+from rnorm.nn.recurrence import reference_layer
 from rnorm.norms import NormalizerSpec
+
+
+Recurrence = Callable[..., tuple[Tensor, tuple[Tensor, Tensor]]]
+
+#: Implementations of one direction of one layer by name; each takes and returns what
+#: :func:`~rnorm.nn.recurrence.reference_layer` does. ``fused`` runs the reference for strategies
+#: that have no fused form.
+RECURRENCES: dict[str, Recurrence] = {"fused": fused_layer, "reference": reference_layer}
+
+
+def get_recurrence(impl: str) -> Recurrence:
+    """The implementation named ``impl``; ``ValueError`` listing the names if unknown."""
+    try:
+        return RECURRENCES[impl]
+    except KeyError:
+        raise ValueError(f"Unknown recurrence implementation {impl!r}. Available: {', '.join(sorted(RECURRENCES))}.") from None
 
 
 class NormLSTM(nn.Module):
@@ -41,7 +59,7 @@ class NormLSTM(nn.Module):
         forget_bias: initial forget-gate bias.
         impl: the recurrence implementation: ``fused`` (default, :mod:`rnorm.nn.fused`; the
             reference loop for strategies without a fused form) or ``reference`` (the per-step
-            loop of the papers' equations); see :data:`rnorm.nn.recurrence.RECURRENCES`.
+            loop of the papers' equations); see :data:`RECURRENCES`.
 
     Example:
         >>> import torch

@@ -2,12 +2,11 @@
 
 ``reference`` is the straightforward per-step loop: readable, exactly the papers' equations, and
 the implementation every faster path is tested against. ``fused`` (:mod:`rnorm.nn.fused`) is the
-fast path.
+fast path; :data:`rnorm.nn.lstm.RECURRENCES` names both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -145,25 +144,3 @@ def reference_layer(
         cell.cell_norm,
         hidden_probe,
     )
-
-
-def _fused_layer(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-    from rnorm.nn.fused import fused_layer  # imported late: rnorm.nn.fused imports this module
-
-    return fused_layer(*args, **kwargs)
-
-
-Recurrence = Callable[..., tuple[Tensor, tuple[Tensor, Tensor]]]
-
-#: Implementations of one direction of one layer by name; all take and return what
-#: :func:`reference_layer` does. ``fused`` (:func:`rnorm.nn.fused.fused_layer`) runs the
-#: reference for strategies that have no fused form.
-RECURRENCES: dict[str, Recurrence] = {"reference": reference_layer, "fused": _fused_layer}
-
-
-def get_recurrence(impl: str) -> Recurrence:
-    """The implementation named ``impl``; ``ValueError`` listing the names if unknown."""
-    try:
-        return RECURRENCES[impl]
-    except KeyError:
-        raise ValueError(f"Unknown recurrence implementation {impl!r}. Available: {', '.join(sorted(RECURRENCES))}.") from None

@@ -20,6 +20,7 @@ import torch
 from rnorm import norms
 from rnorm.nn import NormLSTM
 from rnorm.nn import fused as fused_module
+from rnorm.nn import lstm as lstm_module
 from rnorm.nn import recurrence
 
 RTOL = 1e-9
@@ -159,7 +160,7 @@ def test_strategy_without_fused_form_runs_the_reference(monkeypatch):
 def test_fused_is_the_default_and_reference_selectable():
     assert NormLSTM(2, 3).impl == "fused"
     assert NormLSTM(2, 3, impl="reference").impl == "reference"
-    assert set(recurrence.RECURRENCES) == {"fused", "reference"}
+    assert set(lstm_module.RECURRENCES) == {"fused", "reference"}
 
 
 def test_input_terms_before_the_loop_when_the_covariance_is_dear():
