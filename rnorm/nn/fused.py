@@ -34,21 +34,29 @@ Two rewrites keep the operations per step few without changing the function:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from rnorm.nn import native
 from rnorm.norms.base import FusedStep
 from rnorm.nn.recurrence import hidden_scale_of, reference_layer
 
 if TYPE_CHECKING:
     from rnorm.nn.cell import NormLSTMCell
 
-__all__ = ["fused_layer"]
+__all__ = ["KERNELS", "fused_layer"]
 
 _NORMALIZING = ("batch", "layer")
+
+#: How the per-step work between the GEMMs is done: ``auto`` (the compiled CPU kernels of
+#: :mod:`rnorm.nn.native` where they are built and the tensors are float32/float64 on the CPU,
+#: else torch operations), ``native`` (the compiled kernels, an error where they cannot run) or
+#: ``torch`` (torch operations; what runs on CUDA).
+KERNELS = ("auto", "native", "torch")
 
 
 @dataclass
@@ -64,6 +72,7 @@ class _Plan:
     weights: Tensor  # (T, 1, B) or (1, 1, B): each step's batch mean is weights[t] @ x
     counts: Tensor  # (T,) unpadded samples per step
     hidden_scale: Tensor | None  # Norm-Prop's constant 1 / sqrt(Var[h]); no gradient
+    native: ModuleType | None = None  # the compiled kernels, if they run the loops
     statistics: dict = field(default_factory=dict)  # forward fills site -> (mean, var), (T, F) each
 
 
@@ -74,10 +83,15 @@ def fused_layer(
     c0: Tensor,
     mask: Tensor | None,
     hidden_probe: Tensor | None = None,
+    *,
+    kernels: str = "auto",
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One direction of one layer, fused: the arguments and results of
     :func:`~rnorm.nn.recurrence.reference_layer` (``x`` ``(T, B, D)``, ``h0``, ``c0`` ``(B, H)``,
-    ``mask`` ``(T, B)`` or ``None``; returns ``output`` ``(T, B, H)`` and ``(h_n, c_n)``)."""
+    ``mask`` ``(T, B)`` or ``None``; returns ``output`` ``(T, B, H)`` and ``(h_n, c_n)``);
+    ``kernels`` is one of :data:`KERNELS`."""
+    if kernels not in KERNELS:
+        raise ValueError(f"Unknown kernels {kernels!r} for the fused recurrence. Available: {', '.join(KERNELS)}.")
     num_steps, batch_size, _ = x.shape
     hidden, gates = cell.hidden_size, 4 * cell.hidden_size
     norms = (cell.input_norm, cell.recurrent_norm, cell.cell_norm)
@@ -142,6 +156,7 @@ def fused_layer(
     cell_scale = None if cel.scale is None else cel.scale * 2.0
     cell_shift = None if cel.shift is None else cel.shift * 2.0
     tensors = (source, in_weight, rec_weight, shift, in_scale, rec_scale, cell_scale, cell_shift, h0, c0, hidden_probe)
+    plan.native = _native_kernels(kernels, *tensors, plan.hidden_scale)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         output, h_n, c_n = _FusedLSTM.apply(plan, *tensors)
     else:
@@ -154,6 +169,19 @@ def fused_layer(
     for site, (mean, var) in plan.statistics.items():  # batch kinds only; they all record
         fused_sites[site].record(mean, var, counts)
     return output, (h_n, c_n)
+
+
+def _native_kernels(kernels: str, *tensors: Tensor | None) -> ModuleType | None:
+    """The compiled kernels if ``kernels`` asks for them and they can run on ``tensors``."""
+    if kernels == "torch":
+        return None
+    compiled = native.load()
+    if compiled is not None and native.supports(*tensors):
+        return compiled
+    if kernels == "native":
+        reason = "they are not built (no C++ compiler at install time?)" if compiled is None else "they need float32 or float64 tensors on the CPU"
+        raise RuntimeError(f"kernels='native': the compiled CPU kernels cannot run: {reason}. Use kernels='auto' or 'torch'.")
+    return None
 
 
 def _sequence_statistics(fused: FusedStep, cell: NormLSTMCell, x: Tensor, mask: Tensor | None) -> tuple[FusedStep, tuple]:
@@ -209,6 +237,14 @@ class _FusedLSTM(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output, grad_h_n, grad_c_n):  # noqa: ANN001
+        if ctx.plan.native is not None:  # the compiled backward overwrites the saved buffers
+            if getattr(ctx, "buffers_consumed", False):
+                raise RuntimeError(
+                    "Backward through NormLSTM's fused recurrence a second time (retain_graph=True): its compiled "
+                    "CPU backward reuses the saved buffers. Build the model with impl='fused_torch' or "
+                    "impl='reference' to backpropagate through one graph more than once."
+                )
+            ctx.buffers_consumed = True
         grads = _backward(ctx.plan, ctx.saved_tensors, grad_output, grad_h_n, grad_c_n, ctx.has_probe, ctx.shift_shape)
         return (None, *(grad if needed else None for grad, needed in zip(grads, ctx.needs_input_grad[1:])))
 
@@ -291,6 +327,13 @@ def _forward(plan, source, in_weight, rec_weight, shift, in_scale, rec_scale, ce
     in_weight_t = None if in_weight is None else in_weight.t()  # (D, 4H)
 
     steps = num_steps if save else 1  # buffers per step when saving, one reused row otherwise
+    in_site = _Site(input_kind, input_eps, in_scale, new, steps, num_steps, batch_size, gates)
+    rec_site = _Site(rec_kind, rec_eps, rec_scale, new, steps, num_steps, batch_size, gates)
+    cell_site = _Site(cell_kind, cell_eps, cell_scale, new, steps, num_steps, batch_size, hidden)
+    sites = (in_site, rec_site, cell_site)
+    if plan.native is not None:
+        return _forward_native(plan, source, in_weight_t, rec_weight_t, shift, sites, cell_shift, h0, c0, probe, save)
+
     states_h = new(num_steps + 1, batch_size, hidden) if save else None
     states_c = new(num_steps + 1, batch_size, hidden) if save else None
     activations = new(steps, batch_size, gates)  # σ(i), σ(f), tanh(g), σ(o)
@@ -300,9 +343,6 @@ def _forward(plan, source, in_weight, rec_weight, shift, in_scale, rec_scale, ce
     cell_new = new(2 if not save else steps, batch_size, hidden) if separate else None
     gate_buffer = new(batch_size, gates)
     cell_out = new(batch_size, hidden)  # 2ĉ
-    in_site = _Site(input_kind, input_eps, in_scale, new, steps, num_steps, batch_size, gates)
-    rec_site = _Site(rec_kind, rec_eps, rec_scale, new, steps, num_steps, batch_size, gates)
-    cell_site = _Site(cell_kind, cell_eps, cell_scale, new, steps, num_steps, batch_size, hidden)
 
     h, c = h0, c0
     if save:
@@ -375,17 +415,74 @@ def _forward(plan, source, in_weight, rec_weight, shift, in_scale, rec_scale, ce
         else:
             h, c = h_new, c_new
 
-    for site, buf in (("input", in_site), ("rec", rec_site), ("cell", cell_site)):
-        if buf.mean is not None:
-            plan.statistics[site] = (buf.mean.squeeze(1), buf.var.squeeze(1))  # (T, F) each
+    _keep_statistics(plan, sites)
     if not save:
         return output, h, c if mask is not None else c.clone(), []  # unmasked, c is a reused buffer
+    return _results(output, states_h, states_c, activations, tanh_cell, cell_new, sites)
+
+
+def _keep_statistics(plan: _Plan, sites: tuple[_Site, _Site, _Site]) -> None:
+    """Hands the batch sites' per-step mean and variance ``(T, F)`` to the plan, for the population statistics."""
+    for site, buf in zip(("input", "rec", "cell"), sites):
+        if buf.mean is not None:
+            plan.statistics[site] = (buf.mean.squeeze(1), buf.var.squeeze(1))
+
+
+def _results(output, states_h, states_c, activations, tanh_cell, cell_new, sites):  # noqa: ANN001, ANN202
+    """``(output, h_n, c_n, saved)`` of a saving forward pass; ``None`` for ``output``/``cell_new``
+    means they are the saved states."""
+    in_site, rec_site, cell_site = sites
+    num_steps = states_h.shape[0] - 1
     output = states_h[1:] if output is None else output
     h_n, c_n = states_h[num_steps].clone(), states_c[num_steps].clone()
     cell_new = states_c[1:] if cell_new is None else cell_new
     saved = [states_h, states_c, activations, tanh_cell, cell_new]
     saved += [in_site.raw, in_site.norm, in_site.rstd, rec_site.raw, rec_site.norm, rec_site.rstd, cell_site.norm, cell_site.rstd]
     return output, h_n, c_n, saved
+
+
+def _forward_native(plan, source, in_weight_t, rec_weight_t, shift, sites, cell_shift, h0, c0, probe, save):  # noqa: ANN001, ANN202
+    """:func:`_forward` with the per-step work in the compiled kernels (:mod:`rnorm.nn.native`).
+
+    Without ``save`` the states alternate between two rows instead of one per step."""
+    num_steps, batch_size = source.shape[:2]
+    hidden = rec_weight_t.shape[0]
+    new = source.new_empty
+    steps = num_steps if save else 1
+    masked = plan.mask is not None
+    states_h = new(num_steps + 1 if save else 2, batch_size, hidden)
+    states_c = new(num_steps + 1 if save else 2, batch_size, hidden)
+    states_h[0] = h0
+    states_c[0] = c0
+    buffers = {
+        "z": new(batch_size, 4 * hidden),
+        "act": new(steps, batch_size, 4 * hidden),
+        "tanh_cell": new(steps, batch_size, hidden),
+        "cell_new": new(steps, batch_size, hidden) if masked else None,  # None: c_t is the next state
+        "states_h": states_h,
+        "states_c": states_c,
+        "output": new(num_steps, batch_size, hidden) if masked or not save else None,  # None: the states
+        "mask": plan.mask.reshape(num_steps, batch_size) if masked else None,
+        "weights": plan.weights.reshape(plan.weights.shape[0], batch_size),
+    }
+    native.forward_loop(
+        plan.native,
+        plan,
+        source.contiguous(),
+        in_weight_t,
+        rec_weight_t,
+        shift,
+        sites,
+        cell_shift,
+        buffers,
+        None if probe is None else probe.contiguous(),
+        save,
+    )
+    _keep_statistics(plan, sites)
+    if not save:
+        last = num_steps & 1
+        return buffers["output"], states_h[last].clone(), states_c[last].clone(), []
+    return _results(buffers["output"], states_h, states_c, buffers["act"], buffers["tanh_cell"], buffers["cell_new"], sites)
 
 
 def _normalization_backward(kind: str, dy: Tensor, xhat: Tensor, rstd: Tensor, gamma: Tensor, w: Tensor, sums, step_mask, out=None):  # noqa: ANN001
@@ -417,6 +514,13 @@ def _scale_grad(kind: str, grad: Tensor, raw: Tensor | None, norm: Tensor | None
     return None
 
 
+def _affine_scale_grad(rows: Tensor | None, scale: Tensor | None) -> Tensor | None:
+    """An affine site's scale gradient from the kernels' per-step rows ``(T, F)``; ``None`` without rows."""
+    if rows is None:
+        return None
+    return rows.sum(0, keepdim=True) if scale.shape[0] == 1 else rows
+
+
 def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_shape):  # noqa: ANN001, C901, PLR0912, PLR0915
     """Back through time: the gradients of every tensor input of :class:`_FusedLSTM`, in order."""
     source, in_weight, rec_weight, in_scale, rec_scale, cell_scale = saved[:6]
@@ -439,9 +543,30 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
     deriv = new(batch_size, gates)  # per step: ∂z-gate/∂(its output) times what that output multiplies
     layer_gates, layer_hidden = _layer_weights(act, gates), _layer_weights(act, hidden)
 
-    grad_z = new(num_steps, batch_size, gates)  # the gradient of the z-space gates
-    grad_r = grad_z if rec_kind == "identity" else new(num_steps, batch_size, gates)  # of W_h h
-    grad_u = new(num_steps, batch_size, gates) if input_kind in _NORMALIZING else None
+    # The compiled kernels write gradients over forward buffers that are dead once their step is
+    # done (σ(gates) -> ∂z, x̂ -> ∂u): on CPU, first-touching fresh (T, B, 4H) buffers costs about
+    # as much as the arithmetic. The Function then refuses a second backward (see _FusedLSTM).
+    reuse = plan.native is not None
+    grad_z = act if reuse else new(num_steps, batch_size, gates)  # the gradient of the z-space gates
+    if rec_kind == "identity":
+        grad_r = grad_z  # of W_h h
+    elif reuse:
+        grad_r = rec_norm if rec_kind in _NORMALIZING else rec_raw
+    else:
+        grad_r = new(num_steps, batch_size, gates)
+    grad_u = None
+    if input_kind in _NORMALIZING:
+        grad_u = in_norm if reuse else new(num_steps, batch_size, gates)
+    elif reuse and input_kind == "affine":
+        grad_u = in_raw
+    layer_gamma = {}  # the kernels' sums of ∂y x̂ for layer sites (γ's gradients), filled by the loop
+    affine_rows = {}  # the kernels' per-step sums of ∂y u for affine sites (their scales' gradients)
+    if reuse:
+        for site, kind, features in (("input", input_kind, gates), ("recurrent", rec_kind, gates), ("cell", cell_kind, hidden)):
+            if kind == "layer":
+                layer_gamma[site] = act.new_zeros(features)
+            elif kind == "affine" and site != "cell":
+                affine_rows[site] = new(num_steps, features)
     grad_chat = new(num_steps, batch_size, hidden) if cell_kind != "identity" else None
     grad_probe = new(num_steps, batch_size, hidden) if has_probe else None
 
@@ -453,67 +578,110 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
     def at(sums, t: int):  # noqa: ANN001, ANN202
         return None if sums is None else (sums[0][t], sums[1][t])
 
-    dh, dc = grad_h_n, grad_c_n
-    for t in range(num_steps - 1, -1, -1):
-        w = weights[t] if per_step_weights else weights[0]
-        step_mask = None if mask is None else mask[t]
-        if step_mask is not None:
-            dh_new = torch.add(grad_output[t], dh).mul_(step_mask)  # padded outputs are constant zeros
-            carry_h = torch.addcmul(dh, dh, step_mask, value=-1.0)  # ended sequences pass their state on
-            dc_new = dc * step_mask
-            carry_c = dc - dc_new
-        else:
-            dh_new = grad_output[t] + dh
-            dc_new, carry_h, carry_c = dc, None, None
-        if grad_probe is not None:
-            grad_probe[t] = dh_new
-        a, tc = act[t], tanh_cell[t]
-        i, f, g, o = a[:, :hidden], a[:, hidden : 2 * hidden], a[:, g_block], a[:, 3 * hidden :]
-        # -- through h = o tanh(ĉ) and the cell site ----------------------------------------------
-        cell_coef = torch.addcmul(o, o * tc, tc, value=-1.0)  # o (1 - tanh²(ĉ))
-        d_chat = torch.mul(dh_new, cell_coef, out=None if grad_chat is None else grad_chat[t])
-        if scale_chat:
-            d_chat.mul_(chat_factor)
-        if cell_kind == "identity":
-            d_cell = d_chat
-        elif cell_kind == "affine":
-            d_cell = d_chat * _row(cell_scale, t)
-        else:
-            d_cell = _normalization_backward(
-                cell_kind, d_chat, cell_norm[t], cell_rstd[t], cell_scale, w if cell_kind == "batch" else layer_hidden, at(cell_sums, t), step_mask
-            )
-        dc_total = dc_new + d_cell
-        # -- through the gates (z-space: the g block's ∂tanh(z/2)/∂z = (1 - g²)/2) ------------------
-        torch.addcmul(a, a, a, value=-1.0, out=deriv)  # σ'(z) = σ (1 - σ) for i, f, o
-        torch.mul(g, g, out=deriv[:, g_block]).sub_(1.0).mul_(-0.5)
-        deriv[:, :hidden].mul_(g)
-        deriv[:, hidden : 2 * hidden].mul_(states_c[t])
-        deriv[:, g_block].mul_(i)
-        deriv[:, 3 * hidden :].mul_(tc)
-        dz = grad_z[t]
-        torch.mul(dc_total.unsqueeze(1), deriv[:, : 3 * hidden].view(batch_size, 3, hidden), out=dz[:, : 3 * hidden].view(batch_size, 3, hidden))
-        dh_out = dh_new if hidden_scale is None else dh_new * hidden_scale
-        torch.mul(dh_out, deriv[:, 3 * hidden :], out=dz[:, 3 * hidden :])
-        dc = torch.mul(dc_total, f) if carry_c is None else torch.addcmul(carry_c, dc_total, f)
-        # -- through the input site (its weight's gradient comes after the loop) ------------------
-        if grad_u is not None:
-            _normalization_backward(
-                input_kind, dz, in_norm[t], in_rstd[t], in_scale, w if input_kind == "batch" else layer_gates, at(in_sums, t), step_mask, grad_u[t]
-            )
-        # -- through the recurrent site and W_h ---------------------------------------------------
-        if rec_kind == "identity":
-            dr = dz
-        elif rec_kind == "affine":
-            dr = torch.mul(dz, _row(rec_scale, t), out=grad_r[t])
-        else:
-            dr = _normalization_backward(
-                rec_kind, dz, rec_norm[t], rec_rstd[t], rec_scale, w if rec_kind == "batch" else layer_gates, at(rec_sums, t), step_mask, grad_r[t]
-            )
-        dh = torch.mm(dr, rec_weight) if carry_h is None else torch.addmm(carry_h, dr, rec_weight)
+    if plan.native is not None:
+        dh, dc = grad_h_n.contiguous().clone(), grad_c_n.contiguous().clone()
+        native.backward_loop(
+            plan.native,
+            plan,
+            rec_weight,
+            saved={
+                "grad_output": grad_output.contiguous(),
+                "mask": None if mask is None else mask.reshape(num_steps, batch_size),
+                "act": act,
+                "tanh_cell": tanh_cell,
+                "states_c": states_c,
+                "input_raw": in_raw,
+                "recurrent_raw": rec_raw,
+                "input_norm": in_norm,
+                "input_rstd": in_rstd,
+                "recurrent_norm": rec_norm,
+                "recurrent_rstd": rec_rstd,
+                "cell_norm": cell_norm,
+                "cell_rstd": cell_rstd,
+            },
+            grads={
+                "grad_z": grad_z,
+                "grad_r": grad_r,
+                "grad_chat": grad_chat,
+                "grad_probe": grad_probe,
+                "input_sums": in_sums,
+                "recurrent_sums": rec_sums,
+                "cell_sums": cell_sums,
+                "input_grad": grad_u,
+                "recurrent_grad": None if rec_kind == "identity" else grad_r,
+                "layer_gamma": layer_gamma,
+                "affine_scale_rows": affine_rows,
+            },
+            scales={"input": in_scale, "recurrent": rec_scale, "cell": cell_scale},
+            chat_factor=1.0 if cell_kind == "identity" else 0.5,
+            scale_chat=scale_chat,
+            dh=dh,
+            dc=dc,
+        )
+    else:
+        dh, dc = grad_h_n, grad_c_n
+        for t in range(num_steps - 1, -1, -1):
+            w = weights[t] if per_step_weights else weights[0]
+            step_mask = None if mask is None else mask[t]
+            if step_mask is not None:
+                dh_new = torch.add(grad_output[t], dh).mul_(step_mask)  # padded outputs are constant zeros
+                carry_h = torch.addcmul(dh, dh, step_mask, value=-1.0)  # ended sequences pass their state on
+                dc_new = dc * step_mask
+                carry_c = dc - dc_new
+            else:
+                dh_new = grad_output[t] + dh
+                dc_new, carry_h, carry_c = dc, None, None
+            if grad_probe is not None:
+                grad_probe[t] = dh_new
+            a, tc = act[t], tanh_cell[t]
+            i, f, g, o = a[:, :hidden], a[:, hidden : 2 * hidden], a[:, g_block], a[:, 3 * hidden :]
+            # -- through h = o tanh(ĉ) and the cell site ----------------------------------------------
+            cell_coef = torch.addcmul(o, o * tc, tc, value=-1.0)  # o (1 - tanh²(ĉ))
+            d_chat = torch.mul(dh_new, cell_coef, out=None if grad_chat is None else grad_chat[t])
+            if scale_chat:
+                d_chat.mul_(chat_factor)
+            if cell_kind == "identity":
+                d_cell = d_chat
+            elif cell_kind == "affine":
+                d_cell = d_chat * _row(cell_scale, t)
+            else:
+                d_cell = _normalization_backward(
+                    cell_kind, d_chat, cell_norm[t], cell_rstd[t], cell_scale, w if cell_kind == "batch" else layer_hidden, at(cell_sums, t), step_mask
+                )
+            dc_total = dc_new + d_cell
+            # -- through the gates (z-space: the g block's ∂tanh(z/2)/∂z = (1 - g²)/2) ------------------
+            torch.addcmul(a, a, a, value=-1.0, out=deriv)  # σ'(z) = σ (1 - σ) for i, f, o
+            torch.mul(g, g, out=deriv[:, g_block]).sub_(1.0).mul_(-0.5)
+            deriv[:, :hidden].mul_(g)
+            deriv[:, hidden : 2 * hidden].mul_(states_c[t])
+            deriv[:, g_block].mul_(i)
+            deriv[:, 3 * hidden :].mul_(tc)
+            dz = grad_z[t]
+            torch.mul(dc_total.unsqueeze(1), deriv[:, : 3 * hidden].view(batch_size, 3, hidden), out=dz[:, : 3 * hidden].view(batch_size, 3, hidden))
+            dh_out = dh_new if hidden_scale is None else dh_new * hidden_scale
+            torch.mul(dh_out, deriv[:, 3 * hidden :], out=dz[:, 3 * hidden :])
+            dc = torch.mul(dc_total, f) if carry_c is None else torch.addcmul(carry_c, dc_total, f)
+            # -- through the input site (its weight's gradient comes after the loop) ------------------
+            if grad_u is not None:
+                _normalization_backward(
+                    input_kind, dz, in_norm[t], in_rstd[t], in_scale, w if input_kind == "batch" else layer_gates, at(in_sums, t), step_mask, grad_u[t]
+                )
+            # -- through the recurrent site and W_h ---------------------------------------------------
+            if rec_kind == "identity":
+                dr = dz
+            elif rec_kind == "affine":
+                dr = torch.mul(dz, _row(rec_scale, t), out=grad_r[t])
+            else:
+                dr = _normalization_backward(
+                    rec_kind, dz, rec_norm[t], rec_rstd[t], rec_scale, w if rec_kind == "batch" else layer_gates, at(rec_sums, t), step_mask, grad_r[t]
+                )
+            dh = torch.mm(dr, rec_weight) if carry_h is None else torch.addmm(carry_h, dr, rec_weight)
 
     samples = counts.to(act.dtype).view(-1, 1, 1)  # (T, 1, 1): batch sums are means times counts
     grad_rec_weight = grad_r.reshape(-1, gates).t() @ states_h[:-1].reshape(-1, hidden)  # (4H, H)
-    grad_rec_scale = _scale_grad(rec_kind, grad_z, rec_raw, rec_norm, rec_sums, samples, rec_scale)
+    grad_rec_scale = layer_gamma.get("recurrent", _affine_scale_grad(affine_rows.get("recurrent"), rec_scale))
+    if grad_rec_scale is None:
+        grad_rec_scale = _scale_grad(rec_kind, grad_z, rec_raw, rec_norm, rec_sums, samples, rec_scale)
 
     grad_source = grad_in_weight = grad_shift = grad_in_scale = None
     if input_kind == "given":
@@ -521,12 +689,14 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
     else:
         if input_kind == "identity":
             grad_u = grad_z
-        elif input_kind == "affine":
+        elif input_kind == "affine" and not reuse:
             grad_u = grad_z * (in_scale.unsqueeze(1) if in_scale.shape[0] > 1 else in_scale)
         flat = grad_u.reshape(-1, gates)
         grad_in_weight = flat.t() @ source.reshape(-1, source.shape[2])  # (4H, D)
         grad_source = grad_u @ in_weight  # (T, B, D)
-        grad_in_scale = _scale_grad(input_kind, grad_z, in_raw, in_norm, in_sums, samples, in_scale)
+        grad_in_scale = layer_gamma.get("input", _affine_scale_grad(affine_rows.get("input"), in_scale))
+        if grad_in_scale is None:
+            grad_in_scale = _scale_grad(input_kind, grad_z, in_raw, in_norm, in_sums, samples, in_scale)
         if shift_shape is not None:
             grad_shift = grad_z.sum(1)  # (T, 4H)
             if shift_shape[0] == 1:
@@ -542,7 +712,8 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
         grad_cell_scale = (cell_sums[1] * samples).sum((0, 1))
         grad_cell_shift = (cell_sums[0] * samples).sum((0, 1))
     elif cell_kind == "layer":
-        grad_cell_scale, grad_cell_shift = (grad_chat * cell_norm).sum((0, 1)), grad_chat.sum((0, 1))
+        grad_cell_scale = layer_gamma["cell"] if reuse else (grad_chat * cell_norm).sum((0, 1))
+        grad_cell_shift = grad_chat.sum((0, 1))
     return (
         grad_source,
         grad_in_weight,

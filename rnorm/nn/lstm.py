@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -20,9 +21,15 @@ from rnorm.norms import NormalizerSpec
 Recurrence = Callable[..., tuple[Tensor, tuple[Tensor, Tensor]]]
 
 #: Implementations of one direction of one layer by name; each takes and returns what
-#: :func:`~rnorm.nn.recurrence.reference_layer` does. ``fused`` runs the reference for strategies
-#: that have no fused form.
-RECURRENCES: dict[str, Recurrence] = {"fused": fused_layer, "reference": reference_layer}
+#: :func:`~rnorm.nn.recurrence.reference_layer` does. ``fused`` does each step's elementwise work
+#: in the compiled CPU kernels where they are built (float32/float64 on the CPU) and in torch
+#: operations elsewhere; ``fused_torch`` always in torch operations. Both run the reference for
+#: strategies that have no fused form.
+RECURRENCES: dict[str, Recurrence] = {
+    "fused": fused_layer,
+    "fused_torch": partial(fused_layer, kernels="torch"),
+    "reference": reference_layer,
+}
 
 
 def get_recurrence(impl: str) -> Recurrence:

@@ -2,7 +2,7 @@
 
 Every comparison runs two NormLSTMs with the same weights, one ``impl="reference"`` (the per-step
 loop of the papers' equations, itself checked against hand-written references in
-tests/norms/test_reference.py) and one ``impl="fused"``, in float64, and compares outputs, final
+tests/norms/test_reference.py) and one fused, in float64, and compares outputs, final
 states, every parameter's and the input's gradient, the hidden-probe gradient and every buffer
 (population statistics). Tolerance: 1e-9 relative to the largest magnitude of each tensor. The two
 order their floating-point operations differently (batch means as GEMMs, ``tanh`` as
@@ -10,6 +10,11 @@ order their floating-point operations differently (batch means as GEMMs, ``tanh`
 the values' scale; at bn's ``1/sqrt(eps)`` amplification of near-constant features they grow
 by up to about 300×, still far below 1e-9, while any wrong term in a derivative is of the order of
 the gradient itself.
+
+Each comparison runs for both ways the fused loop does its per-step work: the compiled CPU kernels
+(``impl="fused"``, skipped where the extension is not built) and torch operations
+(``impl="fused_torch"``, what runs on CUDA). The kernels' own exp is accurate to a few units in
+the last place, far inside the tolerance.
 """
 
 from __future__ import annotations
@@ -21,9 +26,17 @@ from rnorm import norms
 from rnorm.nn import NormLSTM
 from rnorm.nn import fused as fused_module
 from rnorm.nn import lstm as lstm_module
-from rnorm.nn import recurrence
+from rnorm.nn import native, recurrence
 
 RTOL = 1e-9
+
+NATIVE = pytest.mark.skipif(not native.available(), reason="the compiled CPU kernels (rnorm.nn._fused_step) are not built")
+
+
+@pytest.fixture(params=[pytest.param("fused", marks=NATIVE), "fused_torch"])
+def impl(request) -> str:
+    """The fused recurrence with its per-step work in the compiled kernels, then in torch ops."""
+    return request.param
 
 #: (input, recurrent, cell): every fused kind on every site, and the papers' combinations.
 SITES = [
@@ -45,12 +58,12 @@ def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp(min=1e-300))
 
 
-def _pair(sites, **kwargs) -> tuple[NormLSTM, NormLSTM]:
+def _pair(sites, impl: str = "fused", **kwargs) -> tuple[NormLSTM, NormLSTM]:
     input_norm, recurrent_norm, cell_norm = sites
     options = dict(input_norm=input_norm, recurrent_norm=recurrent_norm, cell_norm=cell_norm, **kwargs)
     torch.manual_seed(0)
     reference = NormLSTM(impl="reference", **options).double()
-    fused = NormLSTM(impl="fused", **options).double()
+    fused = NormLSTM(impl=impl, **options).double()
     fused.load_state_dict(reference.state_dict())
     return reference, fused
 
@@ -84,8 +97,8 @@ def _assert_same(reference: dict, fused: dict) -> None:
 @pytest.mark.parametrize("sites", SITES, ids=["/".join(s) for s in SITES])
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-def test_training_matches_reference(sites, padded, bidirectional):
-    reference, fused = _pair(sites, input_size=3, hidden_size=5, num_layers=2, bidirectional=bidirectional)
+def test_training_matches_reference(sites, padded, bidirectional, impl):
+    reference, fused = _pair(sites, impl, input_size=3, hidden_size=5, num_layers=2, bidirectional=bidirectional)
     x = torch.randn(6, 7, 3, dtype=torch.float64)
     lengths = torch.tensor([7, 3, 7, 5, 2, 6]) if padded else None
     probe = not bidirectional
@@ -94,9 +107,9 @@ def test_training_matches_reference(sites, padded, bidirectional):
 
 @pytest.mark.parametrize("sites", SITES, ids=["/".join(s) for s in SITES])
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
-def test_evaluation_matches_reference(sites, padded):
+def test_evaluation_matches_reference(sites, padded, impl):
     """Eval mode: population statistics (as affine maps per step), including steps past T_max."""
-    reference, fused = _pair(sites, input_size=3, hidden_size=5, bidirectional=True)
+    reference, fused = _pair(sites, impl, input_size=3, hidden_size=5, bidirectional=True)
     lengths = torch.tensor([5, 3, 5, 4, 2, 5]) if padded else None
     for model in (reference, fused):
         with torch.no_grad():
@@ -108,13 +121,14 @@ def test_evaluation_matches_reference(sites, padded):
 
 
 @pytest.mark.parametrize("sites", [("bn", "bn", "bn"), ("seqbn", "bn", "bn"), ("ln", "ln", "ln")], ids=["bn", "seqbn", "ln"])
-def test_forward_without_grad_matches_forward_with_grad(sites):
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+def test_forward_without_grad_matches_forward_with_grad(sites, padded, impl):
     """The no-grad path (no buffers saved, rows reused) gives the outputs and statistics of the other."""
-    _, fused = _pair(sites, input_size=3, hidden_size=5)
-    twin = NormLSTM(3, 5, input_norm=sites[0], recurrent_norm=sites[1], cell_norm=sites[2]).double()
+    _, fused = _pair(sites, impl, input_size=3, hidden_size=5)
+    twin = NormLSTM(3, 5, input_norm=sites[0], recurrent_norm=sites[1], cell_norm=sites[2], impl=impl).double()
     twin.load_state_dict(fused.state_dict())
     x = torch.randn(4, 9, 3, dtype=torch.float64)
-    lengths = torch.tensor([9, 4, 9, 6])
+    lengths = torch.tensor([9, 4, 9, 6]) if padded else None
     with torch.no_grad():
         out_a, (h_a, c_a) = fused(x, lengths)
     out_b, (h_b, c_b) = twin(x.requires_grad_(), lengths)
@@ -124,12 +138,12 @@ def test_forward_without_grad_matches_forward_with_grad(sites):
         assert _rel_err(a, b) <= RTOL, name
 
 
-def test_float32_close_to_reference():
+def test_float32_close_to_reference(impl):
     """In float32 at a pMNIST-like length the two agree to float32 rounding accumulated over
     200 steps (1e-4 relative: measured about 1e-6, while a wrong term is of order 1)."""
     torch.manual_seed(0)
     reference = NormLSTM(1, 16, impl="reference")
-    fused = NormLSTM(1, 16, impl="fused")
+    fused = NormLSTM(1, 16, impl=impl)
     fused.load_state_dict(reference.state_dict())
     x = torch.randn(8, 200, 1)
     a, b = _run(reference, x, None, False), _run(fused, x, None, False)
@@ -160,13 +174,13 @@ def test_strategy_without_fused_form_runs_the_reference(monkeypatch):
 def test_fused_is_the_default_and_reference_selectable():
     assert NormLSTM(2, 3).impl == "fused"
     assert NormLSTM(2, 3, impl="reference").impl == "reference"
-    assert set(lstm_module.RECURRENCES) == {"fused", "reference"}
+    assert set(lstm_module.RECURRENCES) == {"fused", "fused_torch", "reference"}
 
 
-def test_input_terms_before_the_loop_when_the_covariance_is_dear():
+def test_input_terms_before_the_loop_when_the_covariance_is_dear(impl):
     """seqbn on an input wider than H takes the vectorized input terms (the 'given' path); the
     result is the reference's all the same."""
-    reference, fused = _pair(("seqbn", "bn", "bn"), input_size=7, hidden_size=3)
+    reference, fused = _pair(("seqbn", "bn", "bn"), impl, input_size=7, hidden_size=3)
     x = torch.randn(5, 6, 7, dtype=torch.float64)
     lengths = torch.tensor([6, 2, 6, 4, 5])
     _assert_same(_run(reference, x, lengths, True), _run(fused, x, lengths, True))
@@ -189,3 +203,64 @@ def test_fused_step_kinds_of_the_builtin_strategies():
     assert kind("normprop", "recurrent", True) == "identity"
     assert kind("wn", "input", True) == "identity"
     assert kind("none", "cell", True) == "identity"
+
+
+@NATIVE
+def test_fused_runs_the_compiled_kernels_where_built(monkeypatch):
+    """``impl="fused"`` on float CPU tensors goes through the compiled kernels, forward and backward;
+    ``fused_torch`` never does."""
+    calls = []
+    for name in ("forward_loop", "backward_loop"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    x = torch.randn(3, 4, 2, requires_grad=True)
+    for impl, expected in (("fused", ["forward_loop", "backward_loop"]), ("fused_torch", [])):
+        calls.clear()
+        output, _ = NormLSTM(2, 3, impl=impl)(x)
+        output.sum().backward()
+        assert calls == expected, impl
+
+
+@NATIVE
+def test_second_backward_through_the_compiled_kernels_is_refused():
+    """The compiled backward writes its gradients over the saved buffers, so a second backward
+    through the same graph would read garbage: it raises, naming the implementations that allow it."""
+    model = NormLSTM(2, 3)
+    output, _ = model(torch.randn(3, 4, 2))
+    output.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="fused_torch"):
+        output.sum().backward()
+    twice = NormLSTM(2, 3, impl="fused_torch")
+    out, _ = twice(torch.randn(3, 4, 2))
+    out.sum().backward(retain_graph=True)
+    out.sum().backward()  # allowed: the torch-ops backward keeps its buffers
+
+
+def test_kernels_option_is_checked():
+    """An unknown ``kernels`` value, or ``native`` where the kernels cannot run, is a clear error."""
+    x, h = torch.randn(4, 3, 2), torch.zeros(3, 3)
+    cell = next(m for m in NormLSTM(2, 3).modules() if m.__class__.__name__ == "NormLSTMCell")
+    with pytest.raises(ValueError, match="Available: auto, native, torch"):
+        fused_module.fused_layer(cell, x, h, h, None, kernels="cuda")
+    half = cell.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="compiled CPU kernels cannot run"):
+        fused_module.fused_layer(half, x.bfloat16(), h.bfloat16(), h.bfloat16(), None, kernels="native")
+
+
+@NATIVE
+def test_compiled_plan_rejects_missing_buffers():
+    """A plan the kernels cannot run raises a Python error instead of reading a null pointer."""
+    from rnorm.nn import _fused_step
+
+    with pytest.raises(KeyError, match="itemsize"):
+        _fused_step.forward_plan({})
+    with pytest.raises(ValueError, match="float32"):
+        _fused_step.backward_plan({"itemsize": 2})
+    entries = {key: None for key in ("z", "given", "shift", "cell_shift", "act", "tanh_cell", "cell_new", "states_h", "states_c", "output", "probe", "hidden_scale", "mask", "weights")}
+    entries.update({"itemsize": 4, "batch": 2, "hidden": 3, "save": 0, "base": 2, "shift_step": 0, "cell_shift_step": 0, "hidden_scale_step": 0, "weights_step": 0})
+    for site in ("input", "recurrent", "cell"):
+        entries.update({f"{site}_{field}": None for field in ("u", "scale", "rstd", "mean", "var")})
+        entries.update({f"{site}_kind": 0, f"{site}_u_step": 0, f"{site}_scale_step": 0, f"{site}_rstd_step": 0, f"{site}_eps": 0.0})
+    entries["recurrent_kind"] = 2  # batch statistics without their buffers
+    with pytest.raises(ValueError, match="required but missing"):
+        _fused_step.forward_plan(entries)

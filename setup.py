@@ -1,0 +1,35 @@
+"""Builds rnorm's optional CPU kernels; everything else about the package is in pyproject.toml.
+
+``rnorm.nn._fused_step`` (rnorm/nn/csrc/fused_step.cpp) does the per-step elementwise work of the
+fused LSTM recurrence. It uses only the Python C API (no torch headers), so it builds in seconds
+without torch in the build environment. It is optional: where it cannot be built (no C++
+compiler), the install still succeeds and ``impl="fused"`` runs the same loop with torch
+operations (``impl="fused_torch"``).
+"""
+
+import hashlib
+from pathlib import Path
+
+from setuptools import Extension, setup
+
+SOURCE = "rnorm/nn/csrc/fused_step.cpp"
+# The source's hash, compiled in: rnorm.nn.native ignores (with a warning) a build whose source has
+# changed since, e.g. an editable install not rebuilt after a pull.
+SOURCE_SHA = hashlib.sha256((Path(__file__).parent / SOURCE).read_bytes()).hexdigest()[:16]
+
+setup(
+    ext_modules=[
+        Extension(
+            "rnorm.nn._fused_step",
+            sources=[SOURCE],
+            language="c++",
+            define_macros=[("RNORM_SOURCE_SHA", f'"{SOURCE_SHA}"')],
+            # -fopenmp-simd: honour the `omp simd` loops (vectorized reductions) without the OpenMP
+            # runtime; -fno-trapping-math / -fno-math-errno: let the clamps and sqrt vectorize (the
+            # kernels read neither floating-point exceptions nor errno). No -ffast-math: NaNs must
+            # propagate.
+            extra_compile_args=["-O3", "-std=c++17", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno"],
+            optional=True,
+        )
+    ]
+)
