@@ -36,6 +36,7 @@ from torch import nn
 from rnorm import norms
 from rnorm.data.download import atomic_write_bytes
 from rnorm.nn import RECURRENCES, NormLSTM
+from rnorm.nn import native
 
 #: name -> (T, B, D, H): sequence length, batch, input features, hidden units.
 SHAPES = {
@@ -108,6 +109,8 @@ def machine_info(device: torch.device) -> dict[str, object]:
         "threads": torch.get_num_threads(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        # whether impl="fused" did its per-step work in the compiled CPU kernels (rnorm.nn._fused_step)
+        "compiled_kernels": native.available() and device.type == "cpu",
     }
 
 
@@ -219,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.append(result)
                 print(f"  {name} {shape} {mode}: ratio {result['ratio']:.2f}", file=sys.stderr, flush=True)
     print(format_table(results))
+    if args.impl == "fused":
+        compiled = native.available() and device.type == "cpu"
+        print("fused per-step work: " + ("compiled CPU kernels (rnorm.nn._fused_step)" if compiled else "torch operations"))
     elapsed = time.perf_counter() - started
     print(f"total {elapsed:.0f} s")
     if args.json is not None:

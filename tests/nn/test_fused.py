@@ -257,10 +257,39 @@ def test_compiled_plan_rejects_missing_buffers():
     with pytest.raises(ValueError, match="float32"):
         _fused_step.backward_plan({"itemsize": 2})
     entries = {key: None for key in ("z", "given", "shift", "cell_shift", "act", "tanh_cell", "cell_new", "states_h", "states_c", "output", "probe", "hidden_scale", "mask", "weights")}
-    entries.update({"itemsize": 4, "batch": 2, "hidden": 3, "save": 0, "base": 2, "shift_step": 0, "cell_shift_step": 0, "hidden_scale_step": 0, "weights_step": 0})
+    entries.update({"itemsize": 4, "num_steps": 3, "batch": 2, "hidden": 3, "save": 0, "base": 2, "shift_step": 0, "cell_shift_step": 0, "hidden_scale_step": 0, "weights_step": 0})
     for site in ("input", "recurrent", "cell"):
         entries.update({f"{site}_{field}": None for field in ("u", "scale", "rstd", "mean", "var")})
         entries.update({f"{site}_kind": 0, f"{site}_u_step": 0, f"{site}_scale_step": 0, f"{site}_rstd_step": 0, f"{site}_eps": 0.0})
     entries["recurrent_kind"] = 2  # batch statistics without their buffers
     with pytest.raises(ValueError, match="required but missing"):
         _fused_step.forward_plan(entries)
+    entries["recurrent_kind"] = 0
+    buffers = {key: torch.zeros(4, 2, 12) for key in ("act", "tanh_cell", "states_h", "states_c", "weights")}
+    entries.update({key: buffer.data_ptr() for key, buffer in buffers.items()})
+    plan = _fused_step.forward_plan(entries)
+    with pytest.raises(IndexError, match="out of range"):
+        _fused_step.forward(plan, 3)
+
+
+@NATIVE
+@pytest.mark.parametrize("sites", [("bn", "bn", "bn"), ("none", "none", "none"), ("ln", "ln", "ln")], ids=["bn", "none", "ln"])
+def test_large_float32_layer_with_prepacked_products_matches_reference(sites, monkeypatch):
+    """At H = 512 in float32 the recurrent products go through oneDNN's prepacked GEMM (where torch
+    has it). Tolerance 1e-3 relative: measured 3e-5, float32 rounding of 512-term sums through six
+    steps of batch normalization; a wrong product or transpose is off by order 1."""
+    used = []
+    product = native.RecurrentProduct._product
+    monkeypatch.setattr(native.RecurrentProduct, "_product", lambda self, x: used.append(1) or product(self, x))
+    torch.manual_seed(0)
+    options = dict(input_norm=sites[0], recurrent_norm=sites[1], cell_norm=sites[2], batch_first=False)
+    reference = NormLSTM(20, 512, impl="reference", **options)
+    fused = NormLSTM(20, 512, impl="fused", **options)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(6, 32, 20)
+    lengths = torch.tensor([6, 3] * 16)
+    expected, actual = _run(reference, x, lengths, False), _run(fused, x, lengths, False)
+    for key in expected:
+        assert _rel_err(actual[key], expected[key]) <= 1e-3, key
+    if native._onednn_enabled():
+        assert used, "the prepacked product was not used"

@@ -735,8 +735,9 @@ void read_back_site(Reader& r, const char* prefix, BackSite<T>& site) {
 const char* kForwardCapsule = "rnorm.fused_step.forward";
 const char* kBackwardCapsule = "rnorm.fused_step.backward";
 
-struct Plan {  // what a capsule holds: the element size and the typed plan
+struct Plan {  // what a capsule holds: the element size, the number of steps and the typed plan
   int itemsize;
+  long num_steps;
   void* typed;
 };
 
@@ -859,7 +860,9 @@ PyObject* make_plan(PyObject* dict, const char* name, PyCapsule_Destructor destr
     PyErr_Format(PyExc_ValueError, "fused step plan: itemsize must be 4 (float32) or 8 (float64), got %ld", itemsize);
     return nullptr;
   }
-  Plan* plan = new (std::nothrow) Plan{static_cast<int>(itemsize), nullptr};
+  const long num_steps = r.integer("num_steps");
+  if (r.failed) return nullptr;
+  Plan* plan = new (std::nothrow) Plan{static_cast<int>(itemsize), num_steps, nullptr};
   if (!plan) return PyErr_NoMemory();
   PyObject* capsule = PyCapsule_New(plan, name, destructor);  // owns the plan from here on
   if (!capsule) {
@@ -887,7 +890,13 @@ PyObject* backward_plan(PyObject*, PyObject* dict) {
   return make_plan(dict, kBackwardCapsule, destroy_backward, read_backward<float>, read_backward<double>);
 }
 
-// step(plan, t): the caller guarantees 0 <= t < T and that the plan's tensors are alive.
+// step(plan, t), 0 <= t < T; the caller keeps the plan's tensors alive.
+bool check_step(const Plan* plan, long t) {
+  if (t >= 0 && t < plan->num_steps) return true;
+  if (!PyErr_Occurred()) PyErr_Format(PyExc_IndexError, "step %ld out of range for a plan of %ld steps", t, plan->num_steps);
+  return false;
+}
+
 PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 2) {
     PyErr_SetString(PyExc_TypeError, "forward(plan, t) takes 2 arguments");
@@ -896,9 +905,11 @@ PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Plan* plan = static_cast<Plan*>(PyCapsule_GetPointer(args[0], kForwardCapsule));
   if (!plan) return nullptr;
   const long t = PyLong_AsLong(args[1]);
-  if (t == -1 && PyErr_Occurred()) return nullptr;
+  if (!check_step(plan, t)) return nullptr;
+  Py_BEGIN_ALLOW_THREADS;  // plain arithmetic on the plan's buffers: other Python threads may run
   if (plan->itemsize == 4) forward_f32(*static_cast<ForwardPlan<float>*>(plan->typed), t);
   else forward_f64(*static_cast<ForwardPlan<double>*>(plan->typed), t);
+  Py_END_ALLOW_THREADS;
   Py_RETURN_NONE;
 }
 
@@ -910,9 +921,11 @@ PyObject* backward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Plan* plan = static_cast<Plan*>(PyCapsule_GetPointer(args[0], kBackwardCapsule));
   if (!plan) return nullptr;
   const long t = PyLong_AsLong(args[1]);
-  if (t == -1 && PyErr_Occurred()) return nullptr;
+  if (!check_step(plan, t)) return nullptr;
+  Py_BEGIN_ALLOW_THREADS;
   if (plan->itemsize == 4) backward_f32(*static_cast<BackwardPlan<float>*>(plan->typed), t);
   else backward_f64(*static_cast<BackwardPlan<double>*>(plan->typed), t);
+  Py_END_ALLOW_THREADS;
   Py_RETURN_NONE;
 }
 
