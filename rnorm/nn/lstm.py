@@ -64,8 +64,10 @@ class NormLSTM(nn.Module):
         input_init: initializer of ``W_x`` per gate block: ``orthogonal`` or ``uniform``.
         recurrent_init: initializer of ``W_h`` per gate block: ``orthogonal``, ``identity`` or ``uniform``.
         forget_bias: initial forget-gate bias.
-        impl: the recurrence implementation: ``fused`` (default, :mod:`rnorm.nn.fused`; the
-            reference loop for strategies without a fused form) or ``reference`` (the per-step
+        impl: the recurrence implementation: ``fused`` (default, :mod:`rnorm.nn.fused`; its
+            per-step work in the compiled CPU kernels where they are built, the reference loop for
+            strategies without a fused form), ``fused_torch`` (the same with torch operations per
+            step; allows backward through one graph more than once) or ``reference`` (the per-step
             loop of the papers' equations); see :data:`RECURRENCES`.
 
     Example:
