@@ -50,7 +50,8 @@ if TYPE_CHECKING:
 
 __all__ = ["KERNELS", "fused_layer"]
 
-_NORMALIZING = ("batch", "layer")
+_NORMALIZING = ("batch", "layer", "rms")
+_PER_ROW = ("layer", "rms")  # statistics over the features of each row
 
 #: How the per-step work between the GEMMs is done: ``auto`` (the compiled CPU kernels of
 #: :mod:`rnorm.nn.native` where they are built and the tensors are float32/float64 on the CPU,
@@ -259,13 +260,13 @@ class _Site:
         self.raw = new(steps, batch, features) if kind == "affine" else None
         self.norm = new(steps, batch, features) if kind in _NORMALIZING else None
         self.rstd = None
-        if kind == "layer":
+        if kind in _PER_ROW:
             self.rstd = new(steps, batch, 1)
         elif kind == "batch":
             self.rstd = new(steps, 1, features)
         self.mean = new(num_steps, 1, features) if kind == "batch" else None
         self.var = new(num_steps, 1, features) if kind == "batch" else None
-        self.layer_weights = _layer_weights(new(0), features) if kind == "layer" else None
+        self.layer_weights = _layer_weights(new(0), features) if kind in _PER_ROW else None
 
     def raw_out(self, s: int) -> Tensor:
         """Where to write step ``s``'s raw term (normalized in place for batch and layer)."""
@@ -282,7 +283,7 @@ class _Site:
 
 
 def _normalize(kind: str, u: Tensor, out: Tensor, rstd_out: Tensor, mean_out, var_out, w: Tensor, eps: float) -> Tensor:  # noqa: ANN001
-    """``out = (u - mean) / sqrt(var + eps)``: batch statistics ``w @ u`` (``w`` ``(1, B)``, the
+    """``out = (u - mean) / sqrt(var + eps)`` (``rms``: ``u / sqrt(mean(u²) + eps)``): batch statistics ``w @ u`` (``w`` ``(1, B)``, the
     step's mask over its count) or layer statistics ``u @ w`` (``w`` ``(F, 1)`` of ``1/F``); means
     as GEMMs, which are several times faster than ``mean`` over an axis of a small tensor on CPU."""
     if kind == "batch":
@@ -290,6 +291,9 @@ def _normalize(kind: str, u: Tensor, out: Tensor, rstd_out: Tensor, mean_out, va
         torch.sub(u, mean, out=out)
         var = torch.mm(w, out * out, out=var_out)  # biased, as the population statistics want it
         rstd = torch.add(var, eps, out=rstd_out).rsqrt_()
+    elif kind == "rms":  # no centering: rstd = 1 / sqrt(mean(u²) + eps)
+        out.copy_(u)
+        rstd = torch.add(torch.mm(out * out, w), eps, out=rstd_out).rsqrt_()
     else:
         torch.sub(u, torch.mm(u, w), out=out)  # w: (F, 1) of 1/F
         rstd = torch.add(torch.mm(out * out, w), eps, out=rstd_out).rsqrt_()
@@ -497,9 +501,9 @@ def _normalization_backward(kind: str, dy: Tensor, xhat: Tensor, rstd: Tensor, g
         du = torch.mul((dy - mean_dy).addcmul_(xhat, mean_dy_xhat, value=-1.0), gamma * rstd, out=out)
         return du if step_mask is None else du.mul_(step_mask)  # padded rows entered no statistic
     dxhat = dy * gamma
-    mean_dxhat = torch.mm(dxhat, w)  # (B, 1)
-    mean_dxhat_xhat = torch.mm(dxhat * xhat, w)
-    return torch.mul((dxhat - mean_dxhat).addcmul_(xhat, mean_dxhat_xhat, value=-1.0), rstd, out=out)
+    mean_dxhat_xhat = torch.mm(dxhat * xhat, w)  # (B, 1)
+    centered = dxhat if kind == "rms" else dxhat - torch.mm(dxhat, w)  # rms: no mean was subtracted
+    return torch.mul(centered.addcmul_(xhat, mean_dxhat_xhat, value=-1.0), rstd, out=out)
 
 
 def _scale_grad(kind: str, grad: Tensor, raw: Tensor | None, norm: Tensor | None, sums, samples: Tensor, scale: Tensor | None):  # noqa: ANN001
@@ -509,7 +513,7 @@ def _scale_grad(kind: str, grad: Tensor, raw: Tensor | None, norm: Tensor | None
         return result.sum(0, keepdim=True) if scale.shape[0] == 1 else result
     if kind == "batch":
         return (sums[1] * samples).sum((0, 1))
-    if kind == "layer":
+    if kind in _PER_ROW:
         return (grad * norm).sum((0, 1))
     return None
 
@@ -563,7 +567,7 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
     affine_rows = {}  # the kernels' per-step sums of ∂y u for affine sites (their scales' gradients)
     if reuse:
         for site, kind, features in (("input", input_kind, gates), ("recurrent", rec_kind, gates), ("cell", cell_kind, hidden)):
-            if kind == "layer":
+            if kind in _PER_ROW:
                 layer_gamma[site] = act.new_zeros(features)
             elif kind == "affine" and site != "cell":
                 affine_rows[site] = new(num_steps, features)
@@ -711,7 +715,7 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
     elif cell_kind == "batch":
         grad_cell_scale = (cell_sums[1] * samples).sum((0, 1))
         grad_cell_shift = (cell_sums[0] * samples).sum((0, 1))
-    elif cell_kind == "layer":
+    elif cell_kind in _PER_ROW:
         grad_cell_scale = layer_gamma["cell"] if reuse else (grad_chat * cell_norm).sum((0, 1))
         grad_cell_shift = grad_chat.sum((0, 1))
     return (

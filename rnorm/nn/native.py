@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["available", "load", "supports"]
 
 #: FusedStep kinds as the kernels number them; "identity" and "given" sites are done by the GEMMs.
-_KINDS = {"identity": 0, "given": 0, "affine": 1, "batch": 2, "layer": 3}
+_KINDS = {"identity": 0, "given": 0, "affine": 1, "batch": 2, "layer": 3, "rms": 4}
 _BASE_BUFFER, _BASE_GIVEN, _BASE_ZERO = 0, 1, 2
 
 def _import_kernels() -> ModuleType | None:
@@ -155,7 +155,7 @@ def _step(tensor: Tensor | None, per_step: int) -> int:
 
 def _site_entries(prefix: str, site: _Site, scale: Tensor | None, batch: int, features: int) -> dict:
     kind = site.kind
-    rstd_step = features if kind == "batch" else batch if kind == "layer" else 0
+    rstd_step = features if kind == "batch" else batch if kind in ("layer", "rms") else 0
     u = site.raw if site.raw is not None else site.norm
     return {
         f"{prefix}_kind": _KINDS[kind],
@@ -314,7 +314,7 @@ def backward_loop(  # noqa: PLR0913
                 f"{site}_kind": _KINDS[kind],
                 f"{site}_norm": _ptr(saved[f"{site}_norm"]),
                 f"{site}_rstd": _ptr(saved[f"{site}_rstd"]),
-                f"{site}_rstd_step": features if kind == "batch" else batch_size if kind == "layer" else 0,
+                f"{site}_rstd_step": features if kind == "batch" else batch_size if kind in ("layer", "rms") else 0,
                 f"{site}_scale": _ptr(scale),
                 f"{site}_scale_step": _step(scale, features),
                 f"{site}_sum_dy": _ptr(None if sums is None else sums[0]),

@@ -50,6 +50,8 @@ class FusedStep:
       after the forward pass with the per-step ``mean``, ``var`` ``(T, F)`` and unpadded ``count``
       ``(T,)``, to update population statistics.
     * ``"layer"``: the same with the mean and variance over the features of each row.
+    * ``"rms"``: ``y = gamma * x / sqrt(mean(x²) + eps) + beta`` over the features of each row,
+      without centering (root-mean-square normalization).
     * ``"sequence"`` (input site only): the same with one mean and variance over every unpadded
       step and sample; ``record`` gets them as ``(1, F)``, with ``count`` ``(1,)``.
 
@@ -57,7 +59,7 @@ class FusedStep:
     their gradients.
     """
 
-    kind: Literal["identity", "affine", "batch", "layer", "sequence"]
+    kind: Literal["identity", "affine", "batch", "layer", "rms", "sequence"]
     scale: Tensor | None = None
     shift: Tensor | None = None
     eps: float = 0.0

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from rnorm.functional import affine
-from rnorm.norms import Normalizer
+from rnorm.norms import FusedStep, Normalizer
 
 
 class RMSNorm(Normalizer):
@@ -72,6 +72,10 @@ class RMSNorm(Normalizer):
     def step(self, x: Tensor, t: int, mask: Tensor | None = None) -> Tensor:
         """Normalize step ``t``: ``x`` ``(B, F)`` → ``(B, F)``; ``t`` and ``mask`` are unused."""
         return self.forward(x)
+
+    def fused_step(self, num_steps: int) -> FusedStep:
+        """The fused recurrence's ``"rms"`` kind: the same function without a call per step."""
+        return FusedStep("rms", self.gamma, self.beta, self.eps)
 
     def output_std(self) -> float:
         """``mean(|γ|)``: for zero-mean unit-variance input the RMS is 1, so γ sets the scale."""

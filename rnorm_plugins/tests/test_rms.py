@@ -176,7 +176,10 @@ def reference_lstm(x, lengths, weight_ih, weight_hh, bias, h0, c0, site_params, 
     return output, torch.stack(h_n), torch.stack(c_n)
 
 
-def test_norm_lstm_with_rms_on_every_site_matches_reference_loop() -> None:
+@pytest.mark.parametrize("impl", ["fused", "fused_torch", "reference"])
+def test_norm_lstm_with_rms_on_every_site_matches_reference_loop(impl: str) -> None:
+    """Every implementation of the layer: ``fused`` runs RMSNorm through its ``"rms"`` fused step
+    (in rnorm's compiled kernels where they are built), ``reference`` through ``step``."""
     gen = torch.Generator().manual_seed(2)
     lstm = rnorm.NormLSTM(
         3,
@@ -188,6 +191,7 @@ def test_norm_lstm_with_rms_on_every_site_matches_reference_loop() -> None:
         recurrent_norm_kwargs={"eps": 1e-3},
         cell_norm_kwargs={"learn_beta": True, "eps": 1e-3},
         forget_bias=1.0,
+        impl=impl,
     ).double()
     cell = lstm.cells[0]
     for norm in cell.norms:

@@ -293,3 +293,32 @@ def test_large_float32_layer_with_prepacked_products_matches_reference(sites, mo
         assert _rel_err(actual[key], expected[key]) <= 1e-3, key
     if native._onednn_enabled():
         assert used, "the prepacked product was not used"
+
+
+class _RootMeanSquare(norms.Normalizer):
+    """A test-local strategy of the ``"rms"`` fused kind: ``γ x / sqrt(mean(x²) + ε) + β`` per row,
+    its ``step`` written out here, independently of the kernels and of rnorm_plugins."""
+
+    def __init__(self, site: str, num_features: int) -> None:
+        super().__init__(site, num_features)
+        self.gamma = torch.nn.Parameter(torch.linspace(0.5, 1.5, num_features))
+        self.beta = torch.nn.Parameter(torch.linspace(-0.2, 0.2, num_features))
+
+    def forward(self, x, mask=None):  # noqa: ANN001, ANN201
+        return self.gamma * x / torch.sqrt((x * x).sum(-1, keepdim=True) / x.shape[-1] + 1e-3) + self.beta
+
+    def step(self, x, t, mask=None):  # noqa: ANN001, ANN201
+        return self.forward(x)
+
+    def fused_step(self, num_steps: int) -> norms.FusedStep:
+        return norms.FusedStep("rms", self.gamma, self.beta, 1e-3)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_rms_kind_matches_reference(padded, bidirectional, impl):
+    """The ``"rms"`` kind (layer statistics without centering) on every site, including γ and β gradients."""
+    reference, fused = _pair((_RootMeanSquare,) * 3, impl, input_size=3, hidden_size=5, num_layers=2, bidirectional=bidirectional)
+    x = torch.randn(6, 7, 3, dtype=torch.float64)
+    lengths = torch.tensor([7, 3, 7, 5, 2, 6]) if padded else None
+    _assert_same(_run(reference, x, lengths, not bidirectional), _run(fused, x, lengths, not bidirectional))

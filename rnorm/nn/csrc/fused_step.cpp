@@ -44,7 +44,9 @@
 
 namespace {
 
-enum Kind { kNone = 0, kAffine = 1, kBatch = 2, kLayer = 3 };  // kNone: identity, or nothing to do
+enum Kind { kNone = 0, kAffine = 1, kBatch = 2, kLayer = 3, kRms = 4 };  // kNone: identity, or nothing to do
+// kRms: layer statistics without centering, x / sqrt(mean(x^2) + eps) (RMS normalization).
+inline bool per_row(int kind) { return kind == kLayer || kind == kRms; }
 enum Base { kBaseBuffer = 0, kBaseGiven = 1, kBaseZero = 2 };   // what z starts from
 
 // ---------------------------------------------------------------------------------------------
@@ -146,15 +148,17 @@ RNORM_INLINE void batch_statistics(T* u, const T* w, long B, long F, T eps, T* m
   for (long j = 0; j < F; ++j) rstd[j] = rsqrt(var[j] + eps);
 }
 
-// rstd (B,) of u (B, F) over each row; u is centered in place.
+// rstd (B,) of u (B, F) over each row; u is centered in place (unless !center: RMS).
 template <typename T>
-RNORM_INLINE void layer_statistics(T* u, long B, long F, T eps, T* rstd) {
+RNORM_INLINE void layer_statistics(T* u, long B, long F, T eps, T* rstd, bool center) {
   const T inv = T(1) / T(F);
   for (long b = 0; b < B; ++b) {
     T* row = u + b * F;
     T sum = 0;
+    if (center) {
 #pragma omp simd reduction(+ : sum)
-    for (long j = 0; j < F; ++j) sum += row[j];
+      for (long j = 0; j < F; ++j) sum += row[j];
+    }
     const T mean = sum * inv;
     T squares = 0;
 #pragma omp simd reduction(+ : squares)
@@ -189,9 +193,9 @@ struct Site {
       batch_statistics(u + s * u_step, w, B, F, eps, mean + t * F, var + t * F, r);
       return r;
     }
-    if (kind == kLayer) {
+    if (per_row(kind)) {
       T* r = rstd + s * rstd_step;
-      layer_statistics(u + s * u_step, B, F, eps, r);
+      layer_statistics(u + s * u_step, B, F, eps, r, kind == kLayer);
       return r;
     }
     return nullptr;
@@ -318,7 +322,7 @@ RNORM_INLINE void forward_step(ForwardPlan<T>& p, long t) {
   // -- the cell site and the output (eq. 8, NP eq. 17); chat holds 2 c-hat -----------------------
   T* chat = p.chat.data();
   const Site<T>& cs = p.cell;
-  if (cs.kind == kBatch || cs.kind == kLayer) {
+  if (cs.kind == kBatch || per_row(cs.kind)) {
     T* norm = cs.u + s * cs.u_step;
     std::memcpy(norm, c_new, B * H * sizeof(T));
     const T* rstd = cs.prepare(t, s, w, B, H);
@@ -428,7 +432,7 @@ RNORM_INLINE void batch_backward(const T* dy, const T* xhat, const T* rstd, cons
 // The same for layer (per row) statistics; adds sum_b dy x-hat (gamma's gradient) to gamma_grad (F,).
 template <typename T>
 RNORM_INLINE void layer_backward(const T* dy, const T* xhat, const T* rstd, const T* gamma, long B, long F, T* du,
-                                 T* gamma_grad) {
+                                 T* gamma_grad, bool center) {
   const T inv = T(1) / T(F);
   for (long b = 0; b < B; ++b) {
     const T* d = dy + b * F;
@@ -442,7 +446,7 @@ RNORM_INLINE void layer_backward(const T* dy, const T* xhat, const T* rstd, cons
       mean_g += g;
       mean_gx += g * x[j];
     }
-    mean_g *= inv;
+    mean_g = center ? mean_g * inv : T(0);  // RMS: no mean was subtracted, so no mean term
     mean_gx *= inv;
     const T r = rstd[b];
 #pragma omp simd
@@ -472,8 +476,8 @@ struct BackSite {
                      coef);
       return true;
     }
-    if (kind == kLayer) {
-      layer_backward(dy, norm + t * B * F, rstd + t * rstd_step, scale, B, F, out, gamma_grad);
+    if (per_row(kind)) {
+      layer_backward(dy, norm + t * B * F, rstd + t * rstd_step, scale, B, F, out, gamma_grad, kind == kLayer);
       return true;
     }
     if (kind == kAffine && !scale_rows) {  // the cell site: its scale's gradient comes after the loop
@@ -682,7 +686,7 @@ void read_site(Reader& r, const char* prefix, Site<T>& site) {
   site.mean = r.pointer<T>(name("mean"));
   site.var = r.pointer<T>(name("var"));
   site.eps = static_cast<T>(r.real(name("eps")));
-  if (site.kind < kNone || site.kind > kLayer) {
+  if (site.kind < kNone || site.kind > kRms) {
     PyErr_Format(PyExc_ValueError, "fused step plan: unknown kind %d for %s", site.kind, prefix);
     r.failed = true;
   }
@@ -690,7 +694,7 @@ void read_site(Reader& r, const char* prefix, Site<T>& site) {
     r.require(site.u, prefix);
     r.require(site.scale, prefix);
   }
-  if (site.kind == kBatch || site.kind == kLayer) r.require(site.rstd, prefix);
+  if (site.kind == kBatch || per_row(site.kind)) r.require(site.rstd, prefix);
   if (site.kind == kBatch) {
     r.require(site.mean, prefix);
     r.require(site.var, prefix);
@@ -716,12 +720,12 @@ void read_back_site(Reader& r, const char* prefix, BackSite<T>& site) {
   site.raw = r.pointer<const T>(name("raw"));
   site.scale_rows = r.pointer<T>(name("scale_rows"));
   site.grad = r.pointer<T>(name("grad"));
-  if (site.kind < kNone || site.kind > kLayer) {
+  if (site.kind < kNone || site.kind > kRms) {
     PyErr_Format(PyExc_ValueError, "fused step plan: unknown kind %d for %s", site.kind, prefix);
     r.failed = true;
   }
   if (site.kind != kNone) r.require(site.scale, prefix);
-  if (site.kind == kBatch || site.kind == kLayer) {
+  if (site.kind == kBatch || per_row(site.kind)) {
     r.require(site.norm, prefix);
     r.require(site.rstd, prefix);
   }
@@ -729,7 +733,7 @@ void read_back_site(Reader& r, const char* prefix, BackSite<T>& site) {
     r.require(site.sum_dy, prefix);
     r.require(site.sum_dy_xhat, prefix);
   }
-  if (site.kind == kLayer) r.require(site.gamma_grad, prefix);
+  if (per_row(site.kind)) r.require(site.gamma_grad, prefix);
   if (site.kind == kAffine && site.scale_rows) r.require(site.raw, prefix);
   if (site.kind != kNone && std::strcmp(prefix, "cell") != 0) r.require(site.grad, prefix);
 }
