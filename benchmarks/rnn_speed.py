@@ -35,8 +35,7 @@ from torch import nn
 
 from rnorm import norms
 from rnorm.data.download import atomic_write_bytes
-from rnorm.nn import RECURRENCES, NormLSTM
-from rnorm.nn import native
+from rnorm.nn import RECURRENCES, NormLSTM, native
 
 #: name -> (T, B, D, H): sequence length, batch, input features, hidden units.
 SHAPES = {

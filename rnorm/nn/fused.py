@@ -42,8 +42,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rnorm.nn import native
-from rnorm.norms.base import FusedStep
 from rnorm.nn.recurrence import hidden_scale_of, reference_layer
+from rnorm.norms.base import FusedStep
 
 if TYPE_CHECKING:
     from rnorm.nn.cell import NormLSTMCell

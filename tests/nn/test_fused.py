@@ -23,10 +23,9 @@ import pytest
 import torch
 
 from rnorm import norms
-from rnorm.nn import NormLSTM
+from rnorm.nn import NormLSTM, native, recurrence
 from rnorm.nn import fused as fused_module
 from rnorm.nn import lstm as lstm_module
-from rnorm.nn import native, recurrence
 
 RTOL = 1e-9
 
