@@ -321,3 +321,18 @@ def test_rms_kind_matches_reference(padded, bidirectional, impl):
     x = torch.randn(6, 7, 3, dtype=torch.float64)
     lengths = torch.tensor([7, 3, 7, 5, 2, 6]) if padded else None
     _assert_same(_run(reference, x, lengths, not bidirectional), _run(fused, x, lengths, not bidirectional))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sites", SITES, ids=["/".join(s) for s in SITES])
+def test_cuda_matches_reference(sites):
+    """On CUDA, ``fused`` (which then does its per-step work with torch operations) computes what
+    the reference loop computes on CUDA, training with padding and in evaluation; float64, 1e-9 as above."""
+    reference, fused = _pair(sites, "fused", input_size=3, hidden_size=5, num_layers=2, bidirectional=True)
+    reference, fused = reference.cuda(), fused.cuda()
+    x = torch.randn(6, 7, 3, dtype=torch.float64, device="cuda")
+    lengths = torch.tensor([7, 3, 7, 5, 2, 6])
+    _assert_same(_run(reference, x, lengths, False), _run(fused, x, lengths, False))
+    reference.eval()
+    fused.eval()
+    _assert_same(_run(reference, x, lengths, False), _run(fused, x, lengths, False))
