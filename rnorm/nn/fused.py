@@ -15,11 +15,12 @@ site's batch normalization and its backward. Here:
   operations before and after its loop (gate derivatives, the weights' gradients, γ and β).
 
 Each strategy describes its per-step transform with :meth:`~rnorm.norms.Normalizer.fused_step`
-(identity, a per-step affine map, batch or layer statistics). An input-site strategy without one
-(``seqbn``, whose statistics span the whole sequence) has its input terms computed before the loop as
-in the reference; a recurrent- or cell-site strategy without one (a plugin that only implements
-``step``, ``bn`` with statistics synchronized across processes) makes the layer run the reference,
-so the fused path never computes something else.
+(identity, a per-step affine map, batch, layer or RMS statistics). An input-site strategy without
+one (``seqbn`` synchronized across processes) has its input terms computed before the loop as in
+the reference; a recurrent- or cell-site strategy without one (a plugin that only implements
+``step``) makes the layer run the reference, so the fused path never computes something else.
+Batch statistics synchronized across processes (``bn`` under DDP) are all-reduced at each step, in
+the torch-ops loop.
 
 Two rewrites keep the operations per step few without changing the function:
 
@@ -38,9 +39,11 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from rnorm.functional.distributed import global_step_counts
 from rnorm.nn import native
 from rnorm.nn.recurrence import hidden_scale_of, reference_layer
 from rnorm.norms.base import FusedStep
@@ -73,6 +76,7 @@ class _Plan:
     weights: Tensor  # (T, 1, B) or (1, 1, B): each step's batch mean is weights[t] @ x
     counts: Tensor  # (T,) unpadded samples per step
     hidden_scale: Tensor | None  # Norm-Prop's constant 1 / sqrt(Var[h]); no gradient
+    synchronized: bool = False  # batch statistics all-reduced over the processes at each step
     native: ModuleType | None = None  # the compiled kernels, if they run the loops
     statistics: dict = field(default_factory=dict)  # forward fills site -> (mean, var), (T, F) each
 
@@ -101,6 +105,10 @@ def fused_layer(
     inp, rec, cel = (norm.fused_step(num_steps) for norm in norms)
     if rec is None or cel is None:
         return reference_layer(cell, x, h0, c0, mask, hidden_probe)
+    batch_sites = [step for step in (inp, rec, cel) if step is not None and step.kind == "batch"]
+    synchronized = any(step.synchronized for step in batch_sites)
+    if synchronized and not all(step.synchronized for step in batch_sites):
+        return reference_layer(cell, x, h0, c0, mask, hidden_probe)  # one set of step weights per layer
     sequence_statistics = None  # seqbn's (mean, var, count, record), from x's covariance
     if inp is not None and inp.kind == "sequence":
         if x.shape[2] <= hidden:  # the covariance is cheap (D² per sample): an affine map in the loop
@@ -141,6 +149,10 @@ def fused_layer(
         weights = (mask.to(dtype) / counts.clamp(min=1).to(dtype).unsqueeze(1)).unsqueeze(1)  # (T, 1, B)
         keep = mask.unsqueeze(2)  # (T, B, 1)
         step_mask = keep.to(dtype)
+    if synchronized:  # weights over the global batch: w @ u is this process's share of the global mean
+        counts = global_step_counts(counts)
+        present = x.new_ones(num_steps, batch_size) if mask is None else mask.to(dtype)
+        weights = (present / counts.clamp(min=1).to(dtype).unsqueeze(1)).unsqueeze(1)
     scale = hidden_scale_of(cell.cell_norm)
     plan = _Plan(
         input_kind,
@@ -152,12 +164,13 @@ def fused_layer(
         weights,
         counts,
         None if scale is None else scale.detach().to(dtype),
+        synchronized=synchronized,
     )
     # The output tanh as 2 σ(2ĉ) − 1 as well: the cell site's scale and shift doubled.
     cell_scale = None if cel.scale is None else cel.scale * 2.0
     cell_shift = None if cel.shift is None else cel.shift * 2.0
     tensors = (source, in_weight, rec_weight, shift, in_scale, rec_scale, cell_scale, cell_shift, h0, c0, hidden_probe)
-    plan.native = _native_kernels(kernels, *tensors, plan.hidden_scale)
+    plan.native = _native_kernels(kernels, synchronized, *tensors, plan.hidden_scale)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         output, h_n, c_n = _FusedLSTM.apply(plan, *tensors)
     else:
@@ -172,15 +185,20 @@ def fused_layer(
     return output, (h_n, c_n)
 
 
-def _native_kernels(kernels: str, *tensors: Tensor | None) -> ModuleType | None:
+def _native_kernels(kernels: str, synchronized: bool, *tensors: Tensor | None) -> ModuleType | None:
     """The compiled kernels if ``kernels`` asks for them and they can run on ``tensors``."""
     if kernels == "torch":
         return None
     compiled = native.load()
-    if compiled is not None and native.supports(*tensors):
+    if compiled is not None and native.supports(*tensors) and not synchronized:
         return compiled
     if kernels == "native":
-        reason = "they are not built (no C++ compiler at install time?)" if compiled is None else "they need float32 or float64 tensors on the CPU"
+        if compiled is None:
+            reason = "they are not built (no C++ compiler at install time?)"
+        elif synchronized:
+            reason = "batch statistics synchronized across processes run with torch operations"
+        else:
+            reason = "they need float32 or float64 tensors on the CPU"
         raise RuntimeError(f"kernels='native': the compiled CPU kernels cannot run: {reason}. Use kernels='auto' or 'torch'.")
     return None
 
@@ -255,8 +273,8 @@ class _Site:
     raw term (affine sites, for their scale's gradient), the normalized term and 1/std (batch,
     layer), the batch mean and variance (batch, for the population statistics)."""
 
-    def __init__(self, kind: str, eps: float, scale: Tensor | None, new, steps: int, num_steps: int, batch: int, features: int) -> None:  # noqa: ANN001
-        self.kind, self.eps, self.scale = kind, eps, scale
+    def __init__(self, kind: str, eps: float, scale: Tensor | None, new, steps: int, num_steps: int, batch: int, features: int, synchronized: bool = False) -> None:  # noqa: ANN001
+        self.kind, self.eps, self.scale, self.synchronized = kind, eps, scale, synchronized
         self.raw = new(steps, batch, features) if kind == "affine" else None
         self.norm = new(steps, batch, features) if kind in _NORMALIZING else None
         self.rstd = None
@@ -279,17 +297,25 @@ class _Site:
         mean = None if self.mean is None else self.mean[t]
         var = None if self.var is None else self.var[t]
         weights = w if self.kind == "batch" else self.layer_weights
-        return _normalize(self.kind, u, self.norm[s], self.rstd[s], mean, var, weights, self.eps), self.scale
+        normalized = _normalize(self.kind, u, self.norm[s], self.rstd[s], mean, var, weights, self.eps, self.synchronized)
+        return normalized, self.scale
 
 
-def _normalize(kind: str, u: Tensor, out: Tensor, rstd_out: Tensor, mean_out, var_out, w: Tensor, eps: float) -> Tensor:  # noqa: ANN001
+def _normalize(kind: str, u: Tensor, out: Tensor, rstd_out: Tensor, mean_out, var_out, w: Tensor, eps: float, synchronized: bool = False) -> Tensor:  # noqa: ANN001
     """``out = (u - mean) / sqrt(var + eps)`` (``rms``: ``u / sqrt(mean(u²) + eps)``): batch statistics ``w @ u`` (``w`` ``(1, B)``, the
     step's mask over its count) or layer statistics ``u @ w`` (``w`` ``(F, 1)`` of ``1/F``); means
-    as GEMMs, which are several times faster than ``mean`` over an axis of a small tensor on CPU."""
+    as GEMMs, which are several times faster than ``mean`` over an axis of a small tensor on CPU.
+    ``synchronized``: ``w`` weighs by the global count and both moments are all-reduced (two
+    all-reduces, as :func:`~rnorm.functional.distributed.synced_masked_moments`, so that the
+    variance is of deviations from the global mean)."""
     if kind == "batch":
         mean = torch.mm(w, u, out=mean_out)  # (1, F)
+        if synchronized:
+            dist.all_reduce(mean)
         torch.sub(u, mean, out=out)
         var = torch.mm(w, out * out, out=var_out)  # biased, as the population statistics want it
+        if synchronized:
+            dist.all_reduce(var)
         rstd = torch.add(var, eps, out=rstd_out).rsqrt_()
     elif kind == "rms":  # no centering: rstd = 1 / sqrt(mean(u²) + eps)
         out.copy_(u)
@@ -331,9 +357,10 @@ def _forward(plan, source, in_weight, rec_weight, shift, in_scale, rec_scale, ce
     in_weight_t = None if in_weight is None else in_weight.t()  # (D, 4H)
 
     steps = num_steps if save else 1  # buffers per step when saving, one reused row otherwise
-    in_site = _Site(input_kind, input_eps, in_scale, new, steps, num_steps, batch_size, gates)
-    rec_site = _Site(rec_kind, rec_eps, rec_scale, new, steps, num_steps, batch_size, gates)
-    cell_site = _Site(cell_kind, cell_eps, cell_scale, new, steps, num_steps, batch_size, hidden)
+    sync = plan.synchronized
+    in_site = _Site(input_kind, input_eps, in_scale, new, steps, num_steps, batch_size, gates, sync)
+    rec_site = _Site(rec_kind, rec_eps, rec_scale, new, steps, num_steps, batch_size, gates, sync)
+    cell_site = _Site(cell_kind, cell_eps, cell_scale, new, steps, num_steps, batch_size, hidden, sync)
     sites = (in_site, rec_site, cell_site)
     if plan.native is not None:
         return _forward_native(plan, source, in_weight_t, rec_weight_t, shift, sites, cell_shift, h0, c0, probe, save)
@@ -489,15 +516,21 @@ def _forward_native(plan, source, in_weight_t, rec_weight_t, shift, sites, cell_
     return _results(buffers["output"], states_h, states_c, buffers["act"], buffers["tanh_cell"], buffers["cell_new"], sites)
 
 
-def _normalization_backward(kind: str, dy: Tensor, xhat: Tensor, rstd: Tensor, gamma: Tensor, w: Tensor, sums, step_mask, out=None):  # noqa: ANN001
+def _normalization_backward(kind: str, dy: Tensor, xhat: Tensor, rstd: Tensor, gamma: Tensor, w: Tensor, sums, step_mask, out=None, synchronized=False):  # noqa: ANN001
     """``∂loss/∂u`` of ``y = γ x̂ (+ β)``, ``x̂`` normalized by batch or layer statistics (``w`` as
     in :func:`_normalize`); ``dy``, ``xhat`` ``(B, F)``; written into ``out`` if given.
 
-    Batch: writes ``mean_b(dy)`` and ``mean_b(dy x̂)`` into ``sums`` (γ's and β's gradients).
+    Batch: writes ``mean_b(dy)`` and ``mean_b(dy x̂)`` into ``sums`` (γ's and β's gradients);
+    ``synchronized``: this process's shares of the global means there, and their all-reduced sums
+    (the global means) in the derivative.
     """
     if kind == "batch":
         mean_dy = torch.mm(w, dy, out=sums[0])  # (1, F)
         mean_dy_xhat = torch.mm(w, dy * xhat, out=sums[1])
+        if synchronized:  # the global batch's means; sums keep this process's share (its γ, β gradients)
+            both = torch.cat([mean_dy, mean_dy_xhat])
+            dist.all_reduce(both)
+            mean_dy, mean_dy_xhat = both[0:1], both[1:2]
         du = torch.mul((dy - mean_dy).addcmul_(xhat, mean_dy_xhat, value=-1.0), gamma * rstd, out=out)
         return du if step_mask is None else du.mul_(step_mask)  # padded rows entered no statistic
     dxhat = dy * gamma
@@ -650,7 +683,8 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
                 d_cell = d_chat * _row(cell_scale, t)
             else:
                 d_cell = _normalization_backward(
-                    cell_kind, d_chat, cell_norm[t], cell_rstd[t], cell_scale, w if cell_kind == "batch" else layer_hidden, at(cell_sums, t), step_mask
+                    cell_kind, d_chat, cell_norm[t], cell_rstd[t], cell_scale, w if cell_kind == "batch" else layer_hidden, at(cell_sums, t), step_mask,
+                    synchronized=plan.synchronized,
                 )
             dc_total = dc_new + d_cell
             # -- through the gates (z-space: the g block's ∂tanh(z/2)/∂z = (1 - g²)/2) ------------------
@@ -668,7 +702,8 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
             # -- through the input site (its weight's gradient comes after the loop) ------------------
             if grad_u is not None:
                 _normalization_backward(
-                    input_kind, dz, in_norm[t], in_rstd[t], in_scale, w if input_kind == "batch" else layer_gates, at(in_sums, t), step_mask, grad_u[t]
+                    input_kind, dz, in_norm[t], in_rstd[t], in_scale, w if input_kind == "batch" else layer_gates, at(in_sums, t), step_mask, grad_u[t],
+                    plan.synchronized,
                 )
             # -- through the recurrent site and W_h ---------------------------------------------------
             if rec_kind == "identity":
@@ -677,7 +712,8 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
                 dr = torch.mul(dz, _row(rec_scale, t), out=grad_r[t])
             else:
                 dr = _normalization_backward(
-                    rec_kind, dz, rec_norm[t], rec_rstd[t], rec_scale, w if rec_kind == "batch" else layer_gates, at(rec_sums, t), step_mask, grad_r[t]
+                    rec_kind, dz, rec_norm[t], rec_rstd[t], rec_scale, w if rec_kind == "batch" else layer_gates, at(rec_sums, t), step_mask, grad_r[t],
+                    plan.synchronized,
                 )
             dh = torch.mm(dr, rec_weight) if carry_h is None else torch.addmm(carry_h, dr, rec_weight)
 

@@ -57,6 +57,10 @@ class FusedStep:
 
     ``scale``/``gamma`` and ``shift``/``beta`` may require grad: the fused backward returns
     their gradients.
+
+    ``synchronized`` (``"batch"`` only): the statistics are those of the global batch of every
+    process in the default process group (data parallelism), as
+    :func:`~rnorm.functional.distributed.synced_masked_moments` computes them.
     """
 
     kind: Literal["identity", "affine", "batch", "layer", "rms", "sequence"]
@@ -64,6 +68,7 @@ class FusedStep:
     shift: Tensor | None = None
     eps: float = 0.0
     record: Callable[[Tensor, Tensor, Tensor], None] | None = None
+    synchronized: bool = False
 
 
 class Normalizer(nn.Module):

@@ -183,13 +183,11 @@ class TimeBatchNorm(_BatchStatisticsNorm):
             scale = self.gamma * torch.rsqrt(var + self.eps)
             shift = -mean * scale if self.beta is None else self.beta - mean * scale
             return FusedStep("affine", scale, shift)
-        if self.sync_statistics and world_size() > 1:
-            return None  # the reference loop all-reduces each step's statistics
-
         def record(mean: Tensor, var: Tensor, count: Tensor) -> None:
             self._update(slice(0, num_steps), mean, var, count)
 
-        return FusedStep("batch", self.gamma, self.beta, self.eps, record)
+        synchronized = self.sync_statistics and world_size() > 1  # each step's statistics all-reduced
+        return FusedStep("batch", self.gamma, self.beta, self.eps, record, synchronized)
 
     def _population(self, t: int | Tensor) -> tuple[Tensor, Tensor]:
         """Population mean and variance of step(s) ``t``, using ``T_max`` beyond it (BN §3)."""

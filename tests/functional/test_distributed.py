@@ -53,8 +53,14 @@ TIMEOUT = datetime.timedelta(seconds=60)  # a collective that waits longer has b
 # samples of one step (B, F) (dims (0,)): the batch axis is 1, 1 and 0.
 MOMENT_CASES = {"per_step": ((1,), 1), "sequence": ((0, 1), 1), "one_step": ((0,), 0)}
 
-# (input, recurrent, cell) strategies, layers, bidirectional: BN-LSTM and BN-e*.
-LSTM_CASES = {"bn/bn/bn": ("bn", "bn", "bn", 2, False), "seqbn/bn/bn": ("seqbn", "bn", "bn", 1, True)}
+# (input, recurrent, cell) strategies, layers, bidirectional, implementation: BN-LSTM and BN-e* on
+# the fused recurrence (per-step all-reduces in its torch-ops loop), and BN-LSTM on the reference
+# loop (all-reduces recorded by autograd).
+LSTM_CASES = {
+    "bn/bn/bn": ("bn", "bn", "bn", 2, False, "fused"),
+    "seqbn/bn/bn": ("seqbn", "bn", "bn", 1, True, "fused"),
+    "bn/bn/bn reference": ("bn", "bn", "bn", 2, False, "reference"),
+}
 # Lengths of the global batch. "ragged": each share has >= 2 sequences at every step up to its
 # longest, 6 in both. "uneven_ends": rank 1's longest is 3, so it holds no sequence at steps 3-5 and
 # only one at step 2, which the global batch makes up for.
@@ -102,7 +108,7 @@ def _inputs() -> dict:
 
 
 def _lstm(name: str) -> NormLSTM:
-    input_norm, recurrent_norm, cell_norm, layers, bidirectional = LSTM_CASES[name]
+    input_norm, recurrent_norm, cell_norm, layers, bidirectional, impl = LSTM_CASES[name]
     return NormLSTM(
         LSTM_INPUT,
         LSTM_HIDDEN,
@@ -111,6 +117,7 @@ def _lstm(name: str) -> NormLSTM:
         input_norm=input_norm,
         recurrent_norm=recurrent_norm,
         cell_norm=cell_norm,
+        impl=impl,
     )
 
 

@@ -336,3 +336,16 @@ def test_cuda_matches_reference(sites):
     reference.eval()
     fused.eval()
     _assert_same(_run(reference, x, lengths, False), _run(fused, x, lengths, False))
+
+
+def test_synchronized_statistics_run_with_torch_operations():
+    """Batch statistics all-reduced across processes (``bn`` under DDP) take the torch-ops loop, which
+    all-reduces each step's moments (checked against one process in tests/functional/test_distributed.py);
+    asking for the compiled kernels there is a clear error."""
+    x = torch.randn(2, 3)
+    assert fused_module._native_kernels("auto", True, x) is None
+    assert fused_module._native_kernels("torch", False, x) is None
+    if native.available():
+        assert fused_module._native_kernels("auto", False, x) is native.load()
+        with pytest.raises(RuntimeError, match="synchronized across processes"):
+            fused_module._native_kernels("native", True, x)
