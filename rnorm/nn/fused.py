@@ -326,6 +326,25 @@ def _normalize(kind: str, u: Tensor, out: Tensor, rstd_out: Tensor, mean_out, va
     return out.mul_(rstd)
 
 
+def _normalize_pair(first: _Site, second: _Site, s: int, t: int, w: Tensor, moments: Tensor) -> None:
+    """Synchronized batch normalization of two sites' raw terms (in their ``norm[s]``, normalized in
+    place) with one all-reduce for both means and one for both variances: :func:`_normalize`'s
+    arithmetic, half its messages. ``moments``: ``(2, F)`` scratch."""
+    sites = (first, second)
+    for row, site in enumerate(sites):
+        torch.mm(w, site.norm[s], out=moments[row : row + 1])
+    dist.all_reduce(moments)
+    for row, site in enumerate(sites):
+        site.mean[t].copy_(moments[row : row + 1])
+        site.norm[s].sub_(site.mean[t])
+    for row, site in enumerate(sites):
+        torch.mm(w, site.norm[s] * site.norm[s], out=moments[row : row + 1])
+    dist.all_reduce(moments)
+    for row, site in enumerate(sites):
+        site.var[t].copy_(moments[row : row + 1])
+        site.norm[s].mul_(torch.add(site.var[t], site.eps, out=site.rstd[s]).rsqrt_())
+
+
 def _layer_weights(like: Tensor, features: int) -> Tensor:
     """``(F, 1)`` of ``1/F``: ``u @ it`` is the mean over the features of each row of ``u``."""
     return like.new_full((features, 1), 1.0 / features)
@@ -358,6 +377,8 @@ def _forward(plan, source, in_weight, rec_weight, shift, in_scale, rec_scale, ce
 
     steps = num_steps if save else 1  # buffers per step when saving, one reused row otherwise
     sync = plan.synchronized
+    paired = sync and input_kind == rec_kind == "batch"  # BN-LSTM under DDP: 2 all-reduces per step, not 4
+    pair_moments = new(2, 4 * hidden) if paired else None
     in_site = _Site(input_kind, input_eps, in_scale, new, steps, num_steps, batch_size, gates, sync)
     rec_site = _Site(rec_kind, rec_eps, rec_scale, new, steps, num_steps, batch_size, gates, sync)
     cell_site = _Site(cell_kind, cell_eps, cell_scale, new, steps, num_steps, batch_size, hidden, sync)
@@ -396,7 +417,13 @@ def _forward(plan, source, in_weight, rec_weight, shift, in_scale, rec_scale, ce
                 else:
                     torch.addmm(shift_t, source[t], in_weight_t, out=z)
             else:
-                v, scale = in_site.term(torch.mm(source[t], in_weight_t, out=in_site.raw_out(s)), s, t, w)
+                if paired:  # both terms normalized together: their all-reduces shared
+                    torch.mm(source[t], in_weight_t, out=in_site.norm[s])
+                    torch.mm(h, rec_weight_t, out=rec_site.norm[s])
+                    _normalize_pair(in_site, rec_site, s, t, w, pair_moments)
+                    v, scale = in_site.norm[s], in_site.scale
+                else:
+                    v, scale = in_site.term(torch.mm(source[t], in_weight_t, out=in_site.raw_out(s)), s, t, w)
                 if shift_t is None:
                     torch.mul(v, scale, out=z)
                 else:
@@ -409,7 +436,10 @@ def _forward(plan, source, in_weight, rec_weight, shift, in_scale, rec_scale, ce
             else:
                 torch.addmm(base, h, rec_weight_t, out=z)
         else:
-            v, scale = rec_site.term(torch.mm(h, rec_weight_t, out=rec_site.raw_out(s)), s, t, w)
+            if paired:
+                v, scale = rec_site.norm[s], rec_site.scale
+            else:
+                v, scale = rec_site.term(torch.mm(h, rec_weight_t, out=rec_site.raw_out(s)), s, t, w)
             if base is z:
                 z.addcmul_(v, scale)
             else:
@@ -531,12 +561,31 @@ def _normalization_backward(kind: str, dy: Tensor, xhat: Tensor, rstd: Tensor, g
             both = torch.cat([mean_dy, mean_dy_xhat])
             dist.all_reduce(both)
             mean_dy, mean_dy_xhat = both[0:1], both[1:2]
-        du = torch.mul((dy - mean_dy).addcmul_(xhat, mean_dy_xhat, value=-1.0), gamma * rstd, out=out)
-        return du if step_mask is None else du.mul_(step_mask)  # padded rows entered no statistic
+        return _batch_derivative(dy, xhat, rstd, gamma, mean_dy, mean_dy_xhat, step_mask, out)
     dxhat = dy * gamma
     mean_dxhat_xhat = torch.mm(dxhat * xhat, w)  # (B, 1)
     centered = dxhat if kind == "rms" else dxhat - torch.mm(dxhat, w)  # rms: no mean was subtracted
     return torch.mul(centered.addcmul_(xhat, mean_dxhat_xhat, value=-1.0), rstd, out=out)
+
+
+def _batch_derivative(dy, xhat, rstd, gamma, mean_dy, mean_dy_xhat, step_mask, out=None):  # noqa: ANN001, ANN202
+    """``∂loss/∂u`` of batch normalization from the batch means of ``dy`` and ``dy x̂`` ``(1, F)``."""
+    du = torch.mul((dy - mean_dy).addcmul_(xhat, mean_dy_xhat, value=-1.0), gamma * rstd, out=out)
+    return du if step_mask is None else du.mul_(step_mask)  # padded rows entered no statistic
+
+
+def _normalization_backward_pair(dz, sites, w, step_mask, outs):  # noqa: ANN001, ANN202
+    """:func:`_normalization_backward` of two synchronized batch sites fed by the same ``dz``, with
+    one all-reduce for the four means. ``sites``: ``(xhat, rstd, gamma, sums)`` each."""
+    local = []
+    for xhat, _, _, sums in sites:
+        local += [torch.mm(w, dz, out=sums[0]), torch.mm(w, dz * xhat, out=sums[1])]
+    means = torch.cat(local)  # (4, F); sums keep this process's shares
+    dist.all_reduce(means)
+    return [
+        _batch_derivative(dz, xhat, rstd, gamma, means[2 * k : 2 * k + 1], means[2 * k + 1 : 2 * k + 2], step_mask, out)
+        for k, ((xhat, rstd, gamma, _), out) in enumerate(zip(sites, outs))
+    ]
 
 
 def _scale_grad(kind: str, grad: Tensor, raw: Tensor | None, norm: Tensor | None, sums, samples: Tensor, scale: Tensor | None):  # noqa: ANN001
@@ -614,6 +663,8 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
 
     def at(sums, t: int):  # noqa: ANN001, ANN202
         return None if sums is None else (sums[0][t], sums[1][t])
+
+    paired = plan.synchronized and input_kind == rec_kind == "batch"  # as in _forward
 
     if plan.native is not None:
         dh, dc = grad_h_n.contiguous().clone(), grad_c_n.contiguous().clone()
@@ -700,13 +751,23 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
             torch.mul(dh_out, deriv[:, 3 * hidden :], out=dz[:, 3 * hidden :])
             dc = torch.mul(dc_total, f) if carry_c is None else torch.addcmul(carry_c, dc_total, f)
             # -- through the input site (its weight's gradient comes after the loop) ------------------
-            if grad_u is not None:
+            if paired:  # both sites' means in one all-reduce; the recurrent GEMM below reads grad_r[t]
+                _normalization_backward_pair(
+                    dz,
+                    ((in_norm[t], in_rstd[t], in_scale, at(in_sums, t)), (rec_norm[t], rec_rstd[t], rec_scale, at(rec_sums, t))),
+                    w,
+                    step_mask,
+                    (grad_u[t], grad_r[t]),
+                )
+            elif grad_u is not None:
                 _normalization_backward(
                     input_kind, dz, in_norm[t], in_rstd[t], in_scale, w if input_kind == "batch" else layer_gates, at(in_sums, t), step_mask, grad_u[t],
                     plan.synchronized,
                 )
             # -- through the recurrent site and W_h ---------------------------------------------------
-            if rec_kind == "identity":
+            if paired:
+                dr = grad_r[t]
+            elif rec_kind == "identity":
                 dr = dz
             elif rec_kind == "affine":
                 dr = torch.mul(dz, _row(rec_scale, t), out=grad_r[t])
