@@ -300,49 +300,57 @@ class _Site:
         normalized = _normalize(self.kind, u, self.norm[s], self.rstd[s], mean, var, weights, self.eps, self.synchronized)
         return normalized, self.scale
 
+    def batch_term(self, s: int, t: int) -> tuple:
+        """Step ``s``'s raw term, already in ``norm[s]``, as a term of :func:`_batch_normalize`."""
+        return (self.norm[s], self.norm[s], self.mean[t], self.var[t], self.rstd[s], self.eps)
+
 
 def _normalize(kind: str, u: Tensor, out: Tensor, rstd_out: Tensor, mean_out, var_out, w: Tensor, eps: float, synchronized: bool = False) -> Tensor:  # noqa: ANN001
     """``out = (u - mean) / sqrt(var + eps)`` (``rms``: ``u / sqrt(mean(u²) + eps)``): batch statistics ``w @ u`` (``w`` ``(1, B)``, the
-    step's mask over its count) or layer statistics ``u @ w`` (``w`` ``(F, 1)`` of ``1/F``); means
-    as GEMMs, which are several times faster than ``mean`` over an axis of a small tensor on CPU.
-    ``synchronized``: ``w`` weighs by the global count and both moments are all-reduced (two
-    all-reduces, as :func:`~rnorm.functional.distributed.synced_masked_moments`, so that the
-    variance is of deviations from the global mean)."""
+    step's mask over its count; see :func:`_batch_normalize`) or layer statistics ``u @ w`` (``w``
+    ``(F, 1)`` of ``1/F``); means as GEMMs, which are several times faster than ``mean`` over an
+    axis of a small tensor on CPU."""
     if kind == "batch":
-        mean = torch.mm(w, u, out=mean_out)  # (1, F)
-        if synchronized:
-            dist.all_reduce(mean)
-        torch.sub(u, mean, out=out)
-        var = torch.mm(w, out * out, out=var_out)  # biased, as the population statistics want it
-        if synchronized:
-            dist.all_reduce(var)
-        rstd = torch.add(var, eps, out=rstd_out).rsqrt_()
-    elif kind == "rms":  # no centering: rstd = 1 / sqrt(mean(u²) + eps)
+        _batch_normalize([(u, out, mean_out, var_out, rstd_out, eps)], w, synchronized)
+        return out
+    if kind == "rms":  # no centering: rstd = 1 / sqrt(mean(u²) + eps)
         out.copy_(u)
-        rstd = torch.add(torch.mm(out * out, w), eps, out=rstd_out).rsqrt_()
     else:
         torch.sub(u, torch.mm(u, w), out=out)  # w: (F, 1) of 1/F
-        rstd = torch.add(torch.mm(out * out, w), eps, out=rstd_out).rsqrt_()
+    rstd = torch.add(torch.mm(out * out, w), eps, out=rstd_out).rsqrt_()
     return out.mul_(rstd)
 
 
-def _normalize_pair(first: _Site, second: _Site, s: int, t: int, w: Tensor, moments: Tensor) -> None:
-    """Synchronized batch normalization of two sites' raw terms (in their ``norm[s]``, normalized in
-    place) with one all-reduce for both means and one for both variances: :func:`_normalize`'s
-    arithmetic, half its messages. ``moments``: ``(2, F)`` scratch."""
-    sites = (first, second)
-    for row, site in enumerate(sites):
-        torch.mm(w, site.norm[s], out=moments[row : row + 1])
-    dist.all_reduce(moments)
-    for row, site in enumerate(sites):
-        site.mean[t].copy_(moments[row : row + 1])
-        site.norm[s].sub_(site.mean[t])
-    for row, site in enumerate(sites):
-        torch.mm(w, site.norm[s] * site.norm[s], out=moments[row : row + 1])
-    dist.all_reduce(moments)
-    for row, site in enumerate(sites):
-        site.var[t].copy_(moments[row : row + 1])
-        site.norm[s].mul_(torch.add(site.var[t], site.eps, out=site.rstd[s]).rsqrt_())
+def _batch_normalize(terms: list[tuple], w: Tensor, synchronized: bool) -> None:
+    """Batch normalization of one or more terms of a step, each ``(u, out, mean_out, var_out,
+    rstd_out, eps)``: ``out = (u - mean) / sqrt(var + eps)`` with the biased moments (as the
+    population statistics want them) written to ``mean_out``, ``var_out`` ``(1, F)``.
+
+    ``synchronized``: ``w`` weighs by the global count and the moments are all-reduced, the
+    means first and then the variances of deviations from them (as
+    :func:`~rnorm.functional.distributed.synced_masked_moments` does), one message for all the terms'
+    means and one for their variances."""
+    means = [torch.mm(w, u, out=mean_out) for u, _, mean_out, _, _, _ in terms]
+    _all_reduce_rows(means, synchronized)
+    for u, out, mean_out, _, _, _ in terms:
+        torch.sub(u, mean_out, out=out)
+    variances = [torch.mm(w, out * out, out=var_out) for _, out, _, var_out, _, _ in terms]
+    _all_reduce_rows(variances, synchronized)
+    for _, out, _, var_out, rstd_out, eps in terms:
+        out.mul_(torch.add(var_out, eps, out=rstd_out).rsqrt_())
+
+
+def _all_reduce_rows(rows: list[Tensor], synchronized: bool) -> list[Tensor]:
+    """Sums each ``(1, F)`` row over the processes, in place and in one message; nothing unless ``synchronized``."""
+    if synchronized:
+        if len(rows) == 1:
+            dist.all_reduce(rows[0])
+        else:
+            packed = torch.cat(rows)
+            dist.all_reduce(packed)
+            for row, total in zip(rows, packed):
+                row.copy_(total)
+    return rows
 
 
 def _layer_weights(like: Tensor, features: int) -> Tensor:
@@ -378,7 +386,6 @@ def _forward(plan, source, in_weight, rec_weight, shift, in_scale, rec_scale, ce
     steps = num_steps if save else 1  # buffers per step when saving, one reused row otherwise
     sync = plan.synchronized
     paired = sync and input_kind == rec_kind == "batch"  # BN-LSTM under DDP: 2 all-reduces per step, not 4
-    pair_moments = new(2, 4 * hidden) if paired else None
     in_site = _Site(input_kind, input_eps, in_scale, new, steps, num_steps, batch_size, gates, sync)
     rec_site = _Site(rec_kind, rec_eps, rec_scale, new, steps, num_steps, batch_size, gates, sync)
     cell_site = _Site(cell_kind, cell_eps, cell_scale, new, steps, num_steps, batch_size, hidden, sync)
@@ -420,7 +427,7 @@ def _forward(plan, source, in_weight, rec_weight, shift, in_scale, rec_scale, ce
                 if paired:  # both terms normalized together: their all-reduces shared
                     torch.mm(source[t], in_weight_t, out=in_site.norm[s])
                     torch.mm(h, rec_weight_t, out=rec_site.norm[s])
-                    _normalize_pair(in_site, rec_site, s, t, w, pair_moments)
+                    _batch_normalize([in_site.batch_term(s, t), rec_site.batch_term(s, t)], w, synchronized=True)
                     v, scale = in_site.norm[s], in_site.scale
                 else:
                     v, scale = in_site.term(torch.mm(source[t], in_weight_t, out=in_site.raw_out(s)), s, t, w)
@@ -548,24 +555,27 @@ def _forward_native(plan, source, in_weight_t, rec_weight_t, shift, sites, cell_
 
 def _normalization_backward(kind: str, dy: Tensor, xhat: Tensor, rstd: Tensor, gamma: Tensor, w: Tensor, sums, step_mask, out=None, synchronized=False):  # noqa: ANN001
     """``∂loss/∂u`` of ``y = γ x̂ (+ β)``, ``x̂`` normalized by batch or layer statistics (``w`` as
-    in :func:`_normalize`); ``dy``, ``xhat`` ``(B, F)``; written into ``out`` if given.
-
-    Batch: writes ``mean_b(dy)`` and ``mean_b(dy x̂)`` into ``sums`` (γ's and β's gradients);
-    ``synchronized``: this process's shares of the global means there, and their all-reduced sums
-    (the global means) in the derivative.
-    """
+    in :func:`_normalize`); ``dy``, ``xhat`` ``(B, F)``; written into ``out`` if given. Batch: see
+    :func:`_batch_means` for ``sums`` and ``synchronized``."""
     if kind == "batch":
-        mean_dy = torch.mm(w, dy, out=sums[0])  # (1, F)
-        mean_dy_xhat = torch.mm(w, dy * xhat, out=sums[1])
-        if synchronized:  # the global batch's means; sums keep this process's share (its γ, β gradients)
-            both = torch.cat([mean_dy, mean_dy_xhat])
-            dist.all_reduce(both)
-            mean_dy, mean_dy_xhat = both[0:1], both[1:2]
+        ((mean_dy, mean_dy_xhat),) = _batch_means([(dy, xhat, sums)], w, synchronized)
         return _batch_derivative(dy, xhat, rstd, gamma, mean_dy, mean_dy_xhat, step_mask, out)
     dxhat = dy * gamma
     mean_dxhat_xhat = torch.mm(dxhat * xhat, w)  # (B, 1)
     centered = dxhat if kind == "rms" else dxhat - torch.mm(dxhat, w)  # rms: no mean was subtracted
     return torch.mul(centered.addcmul_(xhat, mean_dxhat_xhat, value=-1.0), rstd, out=out)
+
+
+def _batch_means(items: list[tuple], w: Tensor, synchronized: bool) -> list[tuple[Tensor, Tensor]]:
+    """``(mean_b(dy), mean_b(dy x̂))`` ``(1, F)`` of each ``(dy, xhat, sums)``, written into ``sums``
+    (γ's and β's gradients). ``synchronized``: ``sums`` keep this process's shares, and the means
+    returned are their sums over the processes, all items in one message."""
+    local = []
+    for dy, xhat, sums in items:
+        local += [torch.mm(w, dy, out=sums[0]), torch.mm(w, dy * xhat, out=sums[1])]
+    if synchronized:
+        local = _all_reduce_rows([row.clone() for row in local], synchronized)
+    return list(zip(local[0::2], local[1::2]))
 
 
 def _batch_derivative(dy, xhat, rstd, gamma, mean_dy, mean_dy_xhat, step_mask, out=None):  # noqa: ANN001, ANN202
@@ -574,37 +584,32 @@ def _batch_derivative(dy, xhat, rstd, gamma, mean_dy, mean_dy_xhat, step_mask, o
     return du if step_mask is None else du.mul_(step_mask)  # padded rows entered no statistic
 
 
-def _normalization_backward_pair(dz, sites, w, step_mask, outs):  # noqa: ANN001, ANN202
-    """:func:`_normalization_backward` of two synchronized batch sites fed by the same ``dz``, with
-    one all-reduce for the four means. ``sites``: ``(xhat, rstd, gamma, sums)`` each."""
-    local = []
-    for xhat, _, _, sums in sites:
-        local += [torch.mm(w, dz, out=sums[0]), torch.mm(w, dz * xhat, out=sums[1])]
-    means = torch.cat(local)  # (4, F); sums keep this process's shares
-    dist.all_reduce(means)
-    return [
-        _batch_derivative(dz, xhat, rstd, gamma, means[2 * k : 2 * k + 1], means[2 * k + 1 : 2 * k + 2], step_mask, out)
-        for k, ((xhat, rstd, gamma, _), out) in enumerate(zip(sites, outs))
-    ]
+def _scale_grad(kind: str, grad: Tensor, raw: Tensor | None, norm: Tensor | None, sums, samples: Tensor, scale: Tensor | None, accumulated: Tensor | None = None):  # noqa: ANN001
+    """The gradient of a site's scale (affine: ``(S, F)``; batch, layer, rms: γ ``(F,)``).
 
-
-def _scale_grad(kind: str, grad: Tensor, raw: Tensor | None, norm: Tensor | None, sums, samples: Tensor, scale: Tensor | None):  # noqa: ANN001
-    """The gradient of a site's scale (affine: ``(S, F)``; batch and layer: γ ``(F,)``)."""
+    ``accumulated``: what the compiled kernels summed during the loop (affine: ``Σ_b ∂y u`` per
+    step ``(T, F)``; layer, rms: ``Σ ∂y x̂`` ``(F,)``), in place of the sum over the saved buffers,
+    which they overwrote."""
     if kind == "affine":
-        result = (grad * raw).sum(1)  # (T, F)
-        return result.sum(0, keepdim=True) if scale.shape[0] == 1 else result
+        rows = (grad * raw).sum(1) if accumulated is None else accumulated  # (T, F)
+        return rows.sum(0, keepdim=True) if scale.shape[0] == 1 else rows
     if kind == "batch":
         return (sums[1] * samples).sum((0, 1))
     if kind in _PER_ROW:
-        return (grad * norm).sum((0, 1))
+        return (grad * norm).sum((0, 1)) if accumulated is None else accumulated
     return None
 
 
-def _affine_scale_grad(rows: Tensor | None, scale: Tensor | None) -> Tensor | None:
-    """An affine site's scale gradient from the kernels' per-step rows ``(T, F)``; ``None`` without rows."""
-    if rows is None:
-        return None
-    return rows.sum(0, keepdim=True) if scale.shape[0] == 1 else rows
+def _shift_grad(kind: str, grad: Tensor, sums, samples: Tensor, scale: Tensor | None) -> Tensor | None:
+    """The gradient of a site's shift (affine: ``(S, F)``; batch, layer, rms: β ``(F,)``)."""
+    if kind == "affine":
+        rows = grad.sum(1)  # (T, F)
+        return rows.sum(0, keepdim=True) if scale.shape[0] == 1 else rows
+    if kind == "batch":
+        return (sums[0] * samples).sum((0, 1))
+    if kind in _PER_ROW:
+        return grad.sum((0, 1))
+    return None
 
 
 def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_shape):  # noqa: ANN001, C901, PLR0912, PLR0915
@@ -625,9 +630,6 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
     if hidden_scale is not None:
         chat_factor = hidden_scale * chat_factor
     scale_chat = hidden_scale is not None or chat_factor != 1.0
-    g_block = slice(2 * hidden, 3 * hidden)
-    deriv = new(batch_size, gates)  # per step: ∂z-gate/∂(its output) times what that output multiplies
-    layer_gates, layer_hidden = _layer_weights(act, gates), _layer_weights(act, hidden)
 
     # The compiled kernels write gradients over forward buffers that are dead once their step is
     # done (σ(gates) -> ∂z, x̂ -> ∂u): on CPU, first-touching fresh (T, B, 4H) buffers costs about
@@ -645,14 +647,13 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
         grad_u = in_norm if reuse else new(num_steps, batch_size, gates)
     elif reuse and input_kind == "affine":
         grad_u = in_raw
-    layer_gamma = {}  # the kernels' sums of ∂y x̂ for layer sites (γ's gradients), filled by the loop
-    affine_rows = {}  # the kernels' per-step sums of ∂y u for affine sites (their scales' gradients)
+    accumulated = {}  # site -> what the kernels sum for its scale's gradient (see _scale_grad)
     if reuse:
         for site, kind, features in (("input", input_kind, gates), ("recurrent", rec_kind, gates), ("cell", cell_kind, hidden)):
             if kind in _PER_ROW:
-                layer_gamma[site] = act.new_zeros(features)
-            elif kind == "affine" and site != "cell":
-                affine_rows[site] = new(num_steps, features)
+                accumulated[site] = act.new_zeros(features)
+            elif kind == "affine" and site != "cell":  # the cell's scale gradient reads c_t, not overwritten
+                accumulated[site] = new(num_steps, features)
     grad_chat = new(num_steps, batch_size, hidden) if cell_kind != "identity" else None
     grad_probe = new(num_steps, batch_size, hidden) if has_probe else None
 
@@ -697,8 +698,7 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
                 "cell_sums": cell_sums,
                 "input_grad": grad_u,
                 "recurrent_grad": None if rec_kind == "identity" else grad_r,
-                "layer_gamma": layer_gamma,
-                "affine_scale_rows": affine_rows,
+                "scale_sums": accumulated,
             },
             scales={"input": in_scale, "recurrent": rec_scale, "cell": cell_scale},
             chat_factor=1.0 if cell_kind == "identity" else 0.5,
@@ -707,6 +707,9 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
             dc=dc,
         )
     else:
+        g_block = slice(2 * hidden, 3 * hidden)
+        deriv = new(batch_size, gates)  # per step: ∂z-gate/∂(its output) times what that output multiplies
+        layer_gates, layer_hidden = _layer_weights(act, gates), _layer_weights(act, hidden)
         dh, dc = grad_h_n, grad_c_n
         for t in range(num_steps - 1, -1, -1):
             w = weights[t] if per_step_weights else weights[0]
@@ -752,13 +755,9 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
             dc = torch.mul(dc_total, f) if carry_c is None else torch.addcmul(carry_c, dc_total, f)
             # -- through the input site (its weight's gradient comes after the loop) ------------------
             if paired:  # both sites' means in one all-reduce; the recurrent GEMM below reads grad_r[t]
-                _normalization_backward_pair(
-                    dz,
-                    ((in_norm[t], in_rstd[t], in_scale, at(in_sums, t)), (rec_norm[t], rec_rstd[t], rec_scale, at(rec_sums, t))),
-                    w,
-                    step_mask,
-                    (grad_u[t], grad_r[t]),
-                )
+                in_means, rec_means = _batch_means([(dz, in_norm[t], at(in_sums, t)), (dz, rec_norm[t], at(rec_sums, t))], w, True)
+                _batch_derivative(dz, in_norm[t], in_rstd[t], in_scale, *in_means, step_mask, grad_u[t])
+                _batch_derivative(dz, rec_norm[t], rec_rstd[t], rec_scale, *rec_means, step_mask, grad_r[t])
             elif grad_u is not None:
                 _normalization_backward(
                     input_kind, dz, in_norm[t], in_rstd[t], in_scale, w if input_kind == "batch" else layer_gates, at(in_sums, t), step_mask, grad_u[t],
@@ -780,9 +779,7 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
 
     samples = counts.to(act.dtype).view(-1, 1, 1)  # (T, 1, 1): batch sums are means times counts
     grad_rec_weight = grad_r.reshape(-1, gates).t() @ states_h[:-1].reshape(-1, hidden)  # (4H, H)
-    grad_rec_scale = layer_gamma.get("recurrent", _affine_scale_grad(affine_rows.get("recurrent"), rec_scale))
-    if grad_rec_scale is None:
-        grad_rec_scale = _scale_grad(rec_kind, grad_z, rec_raw, rec_norm, rec_sums, samples, rec_scale)
+    grad_rec_scale = _scale_grad(rec_kind, grad_z, rec_raw, rec_norm, rec_sums, samples, rec_scale, accumulated.get("recurrent"))
 
     grad_source = grad_in_weight = grad_shift = grad_in_scale = None
     if input_kind == "given":
@@ -795,26 +792,14 @@ def _backward(plan, saved, grad_output, grad_h_n, grad_c_n, has_probe, shift_sha
         flat = grad_u.reshape(-1, gates)
         grad_in_weight = flat.t() @ source.reshape(-1, source.shape[2])  # (4H, D)
         grad_source = grad_u @ in_weight  # (T, B, D)
-        grad_in_scale = layer_gamma.get("input", _affine_scale_grad(affine_rows.get("input"), in_scale))
-        if grad_in_scale is None:
-            grad_in_scale = _scale_grad(input_kind, grad_z, in_raw, in_norm, in_sums, samples, in_scale)
+        grad_in_scale = _scale_grad(input_kind, grad_z, in_raw, in_norm, in_sums, samples, in_scale, accumulated.get("input"))
         if shift_shape is not None:
             grad_shift = grad_z.sum(1)  # (T, 4H)
             if shift_shape[0] == 1:
                 grad_shift = grad_shift.sum(0, keepdim=True)
 
-    grad_cell_scale = grad_cell_shift = None
-    if cell_kind == "affine":
-        grad_cell_scale, grad_cell_shift = (grad_chat * cell_new).sum(1), grad_chat.sum(1)  # (T, H)
-        if cell_scale.shape[0] == 1:
-            grad_cell_scale = grad_cell_scale.sum(0, keepdim=True)
-            grad_cell_shift = grad_cell_shift.sum(0, keepdim=True)
-    elif cell_kind == "batch":
-        grad_cell_scale = (cell_sums[1] * samples).sum((0, 1))
-        grad_cell_shift = (cell_sums[0] * samples).sum((0, 1))
-    elif cell_kind in _PER_ROW:
-        grad_cell_scale = layer_gamma["cell"] if reuse else (grad_chat * cell_norm).sum((0, 1))
-        grad_cell_shift = grad_chat.sum((0, 1))
+    grad_cell_scale = _scale_grad(cell_kind, grad_chat, cell_new, cell_norm, cell_sums, samples, cell_scale, accumulated.get("cell"))
+    grad_cell_shift = _shift_grad(cell_kind, grad_chat, cell_sums, samples, cell_scale)
     return (
         grad_source,
         grad_in_weight,

@@ -153,9 +153,18 @@ def _step(tensor: Tensor | None, per_step: int) -> int:
     return per_step
 
 
+def _per_unit(hidden_scale: Tensor | None) -> int:
+    """1 where Norm-Prop's scale on ``h`` has one value per unit ``(H,)``, 0 where it is one number (or absent)."""
+    return int(hidden_scale is not None and hidden_scale.numel() > 1)
+
+
+def _rstd_step(kind: str, batch: int, features: int) -> int:
+    """Elements between consecutive steps' ``1/std``: one per feature (batch) or per sample (layer, rms)."""
+    return features if kind == "batch" else batch if kind in ("layer", "rms") else 0
+
+
 def _site_entries(prefix: str, site: _Site, scale: Tensor | None, batch: int, features: int) -> dict:
     kind = site.kind
-    rstd_step = features if kind == "batch" else batch if kind in ("layer", "rms") else 0
     u = site.raw if site.raw is not None else site.norm
     return {
         f"{prefix}_kind": _KINDS[kind],
@@ -164,7 +173,7 @@ def _site_entries(prefix: str, site: _Site, scale: Tensor | None, batch: int, fe
         f"{prefix}_scale": _ptr(scale),
         f"{prefix}_scale_step": _step(scale, features),
         f"{prefix}_rstd": _ptr(site.rstd),
-        f"{prefix}_rstd_step": rstd_step,
+        f"{prefix}_rstd_step": _rstd_step(kind, batch, features),
         f"{prefix}_mean": _ptr(site.mean),
         f"{prefix}_var": _ptr(site.var),
         f"{prefix}_eps": float(site.eps),
@@ -226,7 +235,7 @@ def forward_loop(  # noqa: PLR0913
         "output": _ptr(buffers["output"]),
         "probe": _ptr(probe),
         "hidden_scale": _ptr(hidden_scale),
-        "hidden_scale_step": 0 if hidden_scale is None or hidden_scale.numel() == 1 else 1,
+        "hidden_scale_step": _per_unit(hidden_scale),
         "mask": _ptr(buffers["mask"]),
         "weights": _ptr(weights),
         "weights_step": batch_size if weights.shape[0] > 1 else 0,
@@ -274,8 +283,8 @@ def backward_loop(  # noqa: PLR0913
     dc: Tensor,
 ) -> None:
     """Runs the backward time loop: fills ``grads`` (``grad_z``, ``grad_r``, ``grad_u``,
-    ``grad_chat``, ``grad_probe``, the batch sites' ``*_sums``, the layer sites' ``layer_gamma``
-    and the affine sites' ``affine_scale_rows``) and leaves the gradients of
+    ``grad_chat``, ``grad_probe``, the batch sites' ``*_sums`` and, per site, ``scale_sums``: the
+    layer and rms sites' ``Σ ∂y x̂``, the affine sites' ``Σ_b ∂y u`` per step) and leaves the gradients of
     ``h0`` and ``c0`` in ``dh`` and ``dc`` ``(B, H)``, which enter holding those of ``h_T``, ``c_T``."""
     act = saved["act"]
     num_steps, batch_size, gates = act.shape
@@ -299,7 +308,7 @@ def backward_loop(  # noqa: PLR0913
         "chat_factor": float(chat_factor),
         "scale_chat": int(scale_chat),
         "hidden_scale": _ptr(hidden_scale),
-        "hidden_scale_step": 0 if hidden_scale is None or hidden_scale.numel() == 1 else 1,
+        "hidden_scale_step": _per_unit(hidden_scale),
         "grad_chat": _ptr(grads["grad_chat"]),
         "grad_probe": _ptr(grads["grad_probe"]),
         "grad_z": _ptr(grads["grad_z"]),
@@ -309,19 +318,20 @@ def backward_loop(  # noqa: PLR0913
         features = hidden if site == "cell" else gates
         sums = grads[f"{site}_sums"]
         scale = scales[site]
+        accumulated = grads["scale_sums"].get(site)
         entries.update(
             {
                 f"{site}_kind": _KINDS[kind],
                 f"{site}_norm": _ptr(saved[f"{site}_norm"]),
                 f"{site}_rstd": _ptr(saved[f"{site}_rstd"]),
-                f"{site}_rstd_step": features if kind == "batch" else batch_size if kind in ("layer", "rms") else 0,
+                f"{site}_rstd_step": _rstd_step(kind, batch_size, features),
                 f"{site}_scale": _ptr(scale),
                 f"{site}_scale_step": _step(scale, features),
                 f"{site}_sum_dy": _ptr(None if sums is None else sums[0]),
                 f"{site}_sum_dy_xhat": _ptr(None if sums is None else sums[1]),
-                f"{site}_gamma_grad": _ptr(grads["layer_gamma"].get(site)),
+                f"{site}_gamma_grad": _ptr(accumulated if kind in ("layer", "rms") else None),
                 f"{site}_raw": _ptr(saved.get(f"{site}_raw")),
-                f"{site}_scale_rows": _ptr(grads["affine_scale_rows"].get(site)),
+                f"{site}_scale_rows": _ptr(accumulated if kind == "affine" else None),
                 f"{site}_grad": _ptr(grads.get(f"{site}_grad")),
             }
         )
