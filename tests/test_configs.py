@@ -53,19 +53,15 @@ FAST = [
 
 
 @pytest.fixture(autouse=True)
-def _console(monkeypatch, tmp_path):
-    """The CLI as a console script sees it, in ``tmp_path``, on one intra-op thread.
+def _console(monkeypatch, tmp_path, one_thread):
+    """The CLI as a console script sees it, in ``tmp_path``, on one intra-op thread (``one_thread``:
+    the 784-step pixel loop of the MNIST configs took 5 to 30 s instead of 1 s on two busy cores).
 
     ``sys.argv`` holds only the program name: LightningCLI warns when it holds arguments besides
-    ``args`` (here it would hold pytest's). One thread: these models are tiny, and two threads on
-    two busy cores made the 784-step pixel loop of the MNIST configs take 5 to 30 s instead of 1 s.
+    ``args`` (here it would hold pytest's).
     """
     monkeypatch.setattr(sys, "argv", ["rnorm"])
     monkeypatch.chdir(tmp_path)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class RecordingCLI(cli_module.RnormCLI):

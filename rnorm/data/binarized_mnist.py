@@ -45,6 +45,8 @@ from rnorm.data.mnist import (
     EpochSeededRandomSampler,
     _find,
     _read_pair,
+    mnist_paths,
+    training_size,
 )
 from rnorm.data.seeding import keyed_generator
 
@@ -295,24 +297,12 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
             self._splits["test"] = images["test"]
 
     def _setup_mnist(self, fit: bool, test: bool) -> None:
-        paths = {name: _find(self.folder, name) for name in MNIST_FILES}
-        missing = [name for name, path in paths.items() if path is None]
-        if missing:
-            raise FileNotFoundError(
-                f"MNIST files missing in {self.folder}: {', '.join(missing)}. Expected the four files "
-                f"{', '.join(MNIST_FILES)} (each raw or .gz); set download: true to fetch them."
-            )
+        paths = mnist_paths(self.folder)
         if fit:
             images, _ = _read_pair(paths[TRAIN_IMAGES], paths[TRAIN_LABELS])
-            num_val = len(images) // 6 if self.val_size is None else self.val_size
-            if num_val >= len(images):
-                raise ValueError(
-                    f"val_size={num_val} leaves no training images: {paths[TRAIN_IMAGES]} has {len(images)}; "
-                    f"choose val_size below {len(images)}"
-                )
-            num_train = len(images) - num_val
-            self._splits["train"] = images[:num_train].reshape(num_train, NUM_PIXELS)
-            self._splits["val"] = images[num_train:].reshape(num_val, NUM_PIXELS)
+            num_train = training_size(len(images), self.val_size, paths[TRAIN_IMAGES])
+            flat = images.reshape(len(images), NUM_PIXELS)
+            self._splits["train"], self._splits["val"] = flat[:num_train], flat[num_train:]
         if test:
             images, _ = _read_pair(paths[TEST_IMAGES], paths[TEST_LABELS])
             self._splits["test"] = images.reshape(len(images), NUM_PIXELS)

@@ -13,13 +13,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def md5sum(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """The hex MD5 digest of a file's bytes."""
-    digest = hashlib.md5()
+def file_digest(path: str | os.PathLike, algorithm: str = "md5", chunk_size: int = 1 << 20) -> str:
+    """The hex digest of a file's bytes with a :mod:`hashlib` ``algorithm``, read in chunks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def md5sum(path: str | os.PathLike) -> str:
+    """The hex MD5 digest of a file's bytes."""
+    return file_digest(path, "md5")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

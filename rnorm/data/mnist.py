@@ -200,22 +200,10 @@ class SequentialMNISTDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Read the training files (fit, validate) or the test files (test, predict); ``None``: all."""
-        paths = {name: _find(self.folder, name) for name in MNIST_FILES}
-        missing = [name for name, path in paths.items() if path is None]
-        if missing:
-            raise FileNotFoundError(
-                f"MNIST files missing in {self.folder}: {', '.join(missing)}. Expected the four files "
-                f"{', '.join(MNIST_FILES)} (each raw or .gz); set download: true to fetch them."
-            )
+        paths = mnist_paths(self.folder)
         if stage in ("fit", "validate", None) and "train" not in self._splits:
             images, labels = _read_pair(paths[TRAIN_IMAGES], paths[TRAIN_LABELS])
-            num_val = len(images) // 6 if self.val_size is None else self.val_size
-            if num_val >= len(images):
-                raise ValueError(
-                    f"val_size={num_val} leaves no training images: {paths[TRAIN_IMAGES]} has {len(images)}; "
-                    f"choose val_size below {len(images)}"
-                )
-            num_train = len(images) - num_val
+            num_train = training_size(len(images), self.val_size, paths[TRAIN_IMAGES])
             self._splits["train"] = images[:num_train], labels[:num_train]
             self._splits["val"] = images[num_train:], labels[num_train:]
         if stage in ("test", "predict", None) and "test" not in self._splits:
@@ -300,6 +288,35 @@ class SequentialMNISTDataModule(pl.LightningDataModule):
                     "using scanline order, which the model was trained with."
                 )
         self.permute, self.permutation_seed, self.permutation = bool(permute), seed, permutation
+
+
+def mnist_paths(folder: Path) -> dict[str, Path]:
+    """The four MNIST IDX files in ``folder`` (each raw or ``.gz``), by name.
+
+    Raises:
+        FileNotFoundError: naming the missing files.
+    """
+    paths = {name: _find(folder, name) for name in MNIST_FILES}
+    missing = [name for name, path in paths.items() if path is None]
+    if missing:
+        raise FileNotFoundError(
+            f"MNIST files missing in {folder}: {', '.join(missing)}. Expected the four files "
+            f"{', '.join(MNIST_FILES)} (each raw or .gz); set download: true to fetch them."
+        )
+    return paths
+
+
+def training_size(count: int, val_size: int | None, path: Path) -> int:
+    """How many of ``count`` training images (from ``path``) stay for training when the last
+    ``val_size`` (``None``: one sixth) are the validation set.
+
+    Raises:
+        ValueError: ``val_size`` leaves no training image.
+    """
+    num_val = count // 6 if val_size is None else val_size
+    if num_val >= count:
+        raise ValueError(f"val_size={num_val} leaves no training images: {path} has {count}; choose val_size below {count}")
+    return count - num_val
 
 
 def _find(folder: Path, name: str) -> Path | None:

@@ -53,7 +53,6 @@ entities present in the, possibly filtered, document) and ``answer`` ``(B,)`` in
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -72,6 +71,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rnorm.data.download import download as download_file
+from rnorm.data.download import file_digest
 from rnorm.data.qa_synthetic import SPLIT_FOLDERS, write_synthetic_corpus
 from rnorm.data.seeding import keyed_generator
 
@@ -764,7 +764,7 @@ def download_cnn_questions(folder: str | os.PathLike) -> Path:
         return target
     archive = folder / "cnn.tgz"
     failures = []
-    if archive.exists() and _sha256(archive) != CNN_SHA256:  # put there by hand: used, never deleted
+    if archive.exists() and file_digest(archive, "sha256") != CNN_SHA256:  # put there by hand: used, never deleted
         rank_zero_warn(f"{archive} has another SHA-256 than ParlAI's record of cnn.tgz, {CNN_SHA256}; using it.")
     for url in CNN_URLS if not archive.exists() else ():
         try:
@@ -772,7 +772,7 @@ def download_cnn_questions(folder: str | os.PathLike) -> Path:
         except RuntimeError as err:
             failures.append(str(err).split("\n", 1)[-1].strip())
             continue
-        got = _sha256(archive)
+        got = file_digest(archive, "sha256")
         if got == CNN_SHA256:
             break
         archive.unlink()  # Google Drive's confirmation page, most likely
@@ -798,11 +798,3 @@ def download_cnn_questions(folder: str | os.PathLike) -> Path:
     os.replace(partial, target)
     archive.unlink()
     return target
-
-
-def _sha256(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -11,13 +11,7 @@ from torch import nn
 from rnorm.analysis.gradient_flow import BNTanhRNN, _build, _first_batch, add_parser, gradient_flow, run
 from rnorm.data.mnist import SequentialMNISTDataModule
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ from rnorm.data.qa import (
     select_sentences,
     split_sentences,
 )
-from rnorm.data.qa_synthetic import SyntheticQuestion, main as synthetic_main, synthetic_question
+from rnorm.data.qa_synthetic import SyntheticQuestion, synthetic_question
+from rnorm.data.qa_synthetic import main as synthetic_main
 
 GOOD = """http://example.com/story
 

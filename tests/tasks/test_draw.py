@@ -28,18 +28,12 @@ from rnorm.norms import estimate_population_statistics
 from rnorm.norms.batch_norm import TimeBatchNorm
 from rnorm.tasks import DRAW
 from rnorm.tasks.draw import GaussianAttention, attention_parameters, filterbank, gaussian_kl, read_glimpse, write_patch
-from rnorm.utils.png import PNG_SIGNATURE, encode_png, image_grid, write_png
+from rnorm.utils.png import encode_png, image_grid, write_png
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "draw").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _cell(norm: str = "none", hidden_size: int = 8, **kwargs) -> functools.partial:
