@@ -1,10 +1,11 @@
 """Builds rnorm's optional CPU kernels; everything else about the package is in pyproject.toml.
 
-``rnorm.nn._fused_step`` (rnorm/nn/csrc/fused_step.cpp) does the per-step elementwise work of the
+``rnorm.kernels._fused_step`` (rnorm/kernels/csrc/fused_step.cpp) does the per-step elementwise work of the
 fused LSTM recurrence. It uses only the Python C API (no torch headers), so it builds in seconds
 without torch in the build environment. It is optional: where it cannot be built (no C++
-compiler), the install still succeeds and ``impl="fused"`` runs the same loop with torch
-operations (``impl="fused_torch"``).
+compiler), the install still succeeds, ``impl="fused"`` runs the same loop with torch operations
+(``impl="fused_torch"``) and warns once that it does; CI sets ``RNORM_REQUIRE_NATIVE=1``, which
+makes the test suite fail instead (tests/kernels/test_native.py).
 """
 
 import hashlib
@@ -12,15 +13,15 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 
-SOURCE = "rnorm/nn/csrc/fused_step.cpp"
-# The source's hash, compiled in: rnorm.nn.native ignores (with a warning) a build whose source has
+SOURCE = "rnorm/kernels/csrc/fused_step.cpp"
+# The source's hash, compiled in: rnorm.kernels.native ignores (with a warning) a build whose source has
 # changed since, e.g. an editable install not rebuilt after a pull.
 SOURCE_SHA = hashlib.sha256((Path(__file__).parent / SOURCE).read_bytes()).hexdigest()[:16]
 
 setup(
     ext_modules=[
         Extension(
-            "rnorm.nn._fused_step",
+            "rnorm.kernels._fused_step",
             sources=[SOURCE],
             language="c++",
             define_macros=[("RNORM_SOURCE_SHA", f'"{SOURCE_SHA}"')],

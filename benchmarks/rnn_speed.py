@@ -35,7 +35,8 @@ from torch import nn
 
 from rnorm import norms
 from rnorm.data.download import atomic_write_bytes
-from rnorm.nn import RECURRENCES, NormLSTM, native
+from rnorm.kernels import native
+from rnorm.nn import RECURRENCES, NormLSTM
 
 #: name -> (T, B, D, H): sequence length, batch, input features, hidden units.
 SHAPES = {

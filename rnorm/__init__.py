@@ -1,7 +1,21 @@
-"""rnorm: normalized recurrent networks (Recurrent Batch Normalization, Recurrent Norm-Prop)."""
+"""rnorm: normalized recurrent networks (Recurrent Batch Normalization, Recurrent Norm-Prop).
 
-from rnorm.nn import NormLSTM, NormLSTMCell
+``NormLSTM`` and ``NormLSTMCell`` are imported on first use, so that ``import rnorm.metrics`` or the
+command line's help do not load the recurrence and its compiled kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
 
 __all__ = ["NormLSTM", "NormLSTMCell", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("NormLSTM", "NormLSTMCell"):
+        from rnorm import nn
+
+        return getattr(nn, name)
+    raise AttributeError(f"module 'rnorm' has no attribute {name!r}")

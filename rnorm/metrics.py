@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from rnorm.nn.masking import lengths_to_mask
+from rnorm.functional.masking import lengths_to_mask
 
 
 class BitsPerCharacter(Metric):

@@ -29,7 +29,7 @@ from rnorm.data import text as text_module
 from rnorm.data import write_idx, write_synthetic_corpus
 from rnorm.data.idx import IDXFormatError
 from rnorm.data.mnist import MNIST_FILES
-from rnorm.norms.batch_norm import _BatchStatisticsNorm
+from rnorm.norms import BatchStatisticsNorm
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted([*CONFIG_DIR.rglob("*.yaml"), *CONFIG_DIR.rglob("*.yml")])
@@ -215,7 +215,7 @@ def test_config_fits_and_tests_under_fast_dev_run(path, tmp_path, monkeypatch):
     # Fixed-length data: every step; variable-length (QA) or stepwise models (DRAW): the first step,
     # which every batch has.
     steps = getattr(cli.datamodule, "sequence_length", None) or getattr(cli.datamodule, "seq_length", None) or 1
-    batch_norms = [m for m in cli.model.modules() if isinstance(m, _BatchStatisticsNorm)]
+    batch_norms = [m for m in cli.model.modules() if isinstance(m, BatchStatisticsNorm)]
     model_args = config["model"]["init_args"]
     sites = [model_args.get("attention_norm", "none")]
     for factory in ("encoder", "decoder"):

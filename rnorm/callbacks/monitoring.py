@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from rnorm.norms.batch_norm import _BatchStatisticsNorm
+from rnorm.norms import BatchStatisticsNorm
 
 
 def evenly_spaced_steps(num_steps: int, count: int) -> list[int]:
@@ -124,7 +124,7 @@ class NormMonitor(Callback):
             )
         histograms: dict[str, Tensor] = {}
         for name, norm in pl_module.named_modules():
-            if not isinstance(norm, _BatchStatisticsNorm) or norm.running_mean.shape[0] == 0:
+            if not isinstance(norm, BatchStatisticsNorm) or norm.running_mean.shape[0] == 0:
                 continue
             t_max = norm.running_mean.shape[0]
             steps = [t for t in evenly_spaced_steps(length or t_max, self.num_steps) if t < t_max] or [t_max - 1]

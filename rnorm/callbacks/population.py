@@ -8,7 +8,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from rnorm.norms import estimate_population_statistics
-from rnorm.norms.batch_norm import _BatchStatisticsNorm
+from rnorm.norms import BatchStatisticsNorm
 
 
 class PopulationStatistics(Callback):
@@ -46,7 +46,7 @@ class PopulationStatistics(Callback):
             self._estimate(trainer, pl_module, datamodule.train_dataloader())
 
     def _estimate(self, trainer: Trainer, pl_module: LightningModule, loader) -> None:  # noqa: ANN001
-        if self.mode != "exact" or not any(isinstance(m, _BatchStatisticsNorm) for m in pl_module.modules()):
+        if self.mode != "exact" or not any(isinstance(m, BatchStatisticsNorm) for m in pl_module.modules()):
             return
         used = estimate_population_statistics(
             pl_module,

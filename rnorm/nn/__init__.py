@@ -1,14 +1,16 @@
 """Normalized LSTM cells and layers, and padding utilities."""
 
+from rnorm.functional.masking import lengths_to_mask, mask_to_lengths, reverse_padded
 from rnorm.nn.cell import NormLSTMCell
-from rnorm.nn.lstm import RECURRENCES, NormLSTM
-from rnorm.nn.masking import lengths_to_mask, mask_to_lengths, reverse_padded
-from rnorm.nn.recurrence import lstm_step, reference_layer, reference_recurrence
+from rnorm.nn.dispatch import RECURRENCES, fused_layer, reference_layer
+from rnorm.nn.lstm import NormLSTM
+from rnorm.nn.recurrence import lstm_step, reference_recurrence
 
 __all__ = [
     "RECURRENCES",
     "NormLSTM",
     "NormLSTMCell",
+    "fused_layer",
     "lengths_to_mask",
     "lstm_step",
     "mask_to_lengths",

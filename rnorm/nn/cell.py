@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnorm.functional.distributed import world_size
 from rnorm.nn.init import INPUT_INITS, RECURRENT_INITS, init_gate_blocks
-from rnorm.nn.recurrence import hidden_scale_of, lstm_step
+from rnorm.nn.recurrence import lstm_step
 from rnorm.norms import NormalizerSpec, resolve
 
 
@@ -94,7 +93,7 @@ class NormLSTMCell(nn.Module):
             self.h0.requires_grad_(False)
 
     def _synchronized(self) -> bool:
-        return world_size() > 1 and any(getattr(norm, "sync_statistics", False) for norm in self.norms)
+        return any(norm.synchronized for norm in self.norms)
 
     @property
     def norms(self) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -155,7 +154,7 @@ class NormLSTMCell(nn.Module):
             input_term = input_term + self.bias
         weight_hh_t = self.recurrent_norm.transform_weight(self.weight_hh).t()
         h_new, c_new = lstm_step(
-            input_term, h, c, weight_hh_t, t, mask, self.recurrent_norm, self.cell_norm, hidden_scale_of(self.cell_norm)
+            input_term, h, c, weight_hh_t, t, mask, self.recurrent_norm, self.cell_norm, self.cell_norm.hidden_scale
         )
         if mask is None:
             return h_new, c_new

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import torch
@@ -11,33 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnorm.functional.distributed import global_step_counts, world_size
+from rnorm.functional.masking import check_lengths, lengths_to_mask, mask_to_lengths, reverse_padded
 from rnorm.nn.cell import NormLSTMCell
-from rnorm.nn.fused import fused_layer
-from rnorm.nn.masking import check_lengths, lengths_to_mask, mask_to_lengths, reverse_padded
-from rnorm.nn.recurrence import reference_layer
+from rnorm.nn.dispatch import get_recurrence
 from rnorm.norms import NormalizerSpec
-
-
-Recurrence = Callable[..., tuple[Tensor, tuple[Tensor, Tensor]]]
-
-#: Implementations of one direction of one layer by name; each takes and returns what
-#: :func:`~rnorm.nn.recurrence.reference_layer` does. ``fused`` does each step's elementwise work
-#: in the compiled CPU kernels where they are built (float32/float64 on the CPU) and in torch
-#: operations elsewhere; ``fused_torch`` always in torch operations. Both run the reference for
-#: strategies that have no fused form.
-RECURRENCES: dict[str, Recurrence] = {
-    "fused": fused_layer,
-    "fused_torch": partial(fused_layer, kernels="torch"),
-    "reference": reference_layer,
-}
-
-
-def get_recurrence(impl: str) -> Recurrence:
-    """The implementation named ``impl``; ``ValueError`` listing the names if unknown."""
-    try:
-        return RECURRENCES[impl]
-    except KeyError:
-        raise ValueError(f"Unknown recurrence implementation {impl!r}. Available: {', '.join(sorted(RECURRENCES))}.") from None
 
 
 class NormLSTM(nn.Module):
@@ -64,11 +39,11 @@ class NormLSTM(nn.Module):
         input_init: initializer of ``W_x`` per gate block: ``orthogonal`` or ``uniform``.
         recurrent_init: initializer of ``W_h`` per gate block: ``orthogonal``, ``identity`` or ``uniform``.
         forget_bias: initial forget-gate bias.
-        impl: the recurrence implementation: ``fused`` (default, :mod:`rnorm.nn.fused`; its
-            per-step work in the compiled CPU kernels where they are built, the reference loop for
-            strategies without a fused form), ``fused_torch`` (the same with torch operations per
-            step; allows backward through one graph more than once) or ``reference`` (the per-step
-            loop of the papers' equations); see :data:`RECURRENCES`.
+        impl: the recurrence implementation: ``fused`` (default: the op of :mod:`rnorm.kernels`,
+            its per-step work in the compiled CPU kernels where they are built; the reference loop
+            for strategies without a fused form), ``fused_torch`` (the same op with torch operations
+            per step; allows backward through one graph more than once) or ``reference`` (the
+            per-step loop of the papers' equations); see :data:`rnorm.nn.dispatch.RECURRENCES`.
 
     Example:
         >>> import torch
@@ -197,22 +172,26 @@ class NormLSTM(nn.Module):
             zero at padded positions; ``h_n``, ``c_n`` ``(num_layers * num_directions, B, H)`` at
             each sequence's last real step.
         """
-        x, lengths = self._check_input(x, lengths, mask, hx)
+        x, lengths, hx = self._check_input(x, lengths, mask, hx)
         num_steps, batch_size = x.shape[0], x.shape[1]
-        steps_used = num_steps if lengths is None else int(lengths.max())
-        if self.training and self._batch_statistics:
-            steps_used = self._check_batch_statistics(lengths, batch_size, num_steps, x.device)
-        if steps_used > num_steps:
-            # Synchronized statistics, and another process has longer sequences: every process
-            # must run as many steps (the statistics of each are all-reduced), these ones padded.
-            x = F.pad(x, (0, 0, 0, 0, 0, steps_used - num_steps))  # (T', B, D)
-            lengths = torch.full((batch_size,), num_steps) if lengths is None else lengths
-        if lengths is not None:
-            x = x[:steps_used]  # steps past every sequence's end change nothing: skip them
-            step_mask = lengths_to_mask(lengths, steps_used, x.device)  # (T', B)
-            lengths = lengths.to(x.device)
+        step_mask = None
+        if torch.compiler.is_compiling():  # traced: no value-dependent shapes; padded steps change nothing
+            if lengths is not None:
+                step_mask = lengths_to_mask(lengths, num_steps, x.device)  # (T, B)
         else:
-            step_mask = None
+            steps_used = num_steps if lengths is None else int(lengths.max())
+            if self.training and self._batch_statistics:
+                steps_used = self._check_batch_statistics(lengths, batch_size, num_steps, x.device)
+            if steps_used > num_steps:
+                # Synchronized statistics, and another process has longer sequences: every process
+                # must run as many steps (the statistics of each are all-reduced), these ones padded.
+                x = F.pad(x, (0, 0, 0, 0, 0, steps_used - num_steps))  # (T', B, D)
+                lengths = torch.full((batch_size,), num_steps) if lengths is None else lengths
+            if lengths is not None:
+                x = x[:steps_used]  # steps past every sequence's end change nothing: skip them
+                step_mask = lengths_to_mask(lengths, steps_used, x.device)  # (T', B)
+        if lengths is not None:
+            lengths = lengths.to(x.device)
         h_n, c_n = [], []
         layer_input = x
         for layer in range(self.num_layers):
@@ -253,8 +232,16 @@ class NormLSTM(nn.Module):
 
     def _check_input(
         self, x: Tensor, lengths: Tensor | None, mask: Tensor | None, hx: tuple[Tensor, Tensor] | None
-    ) -> tuple[Tensor, Tensor | None]:
-        """Validate the arguments of :meth:`forward`; return ``x`` time-major and CPU lengths."""
+    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
+        """Validate the arguments of :meth:`forward`; return ``x`` time-major, the lengths, and ``hx``
+        (``x`` and ``hx`` in the module's dtype under autocast).
+
+        Shapes and dtypes are checked always. Checks that read values (finite input, lengths in
+        ``[1, T]``, masks that are padding at the end) run in eager mode only, so that tracing
+        (``torch.compile``, ``torch.export``) sees no value-dependent branch: on the CPU they raise
+        ``ValueError``; on other devices finiteness is a device-side assertion, which does not wait
+        for the device (``docs/cli.md``, "What is checked where").
+        """
         if not isinstance(x, Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             layout = "(B, T, D)" if self.batch_first else "(T, B, D)"
@@ -265,8 +252,14 @@ class NormLSTM(nn.Module):
             raise ValueError(f"Expected input feature size {self.input_size}, but got {x.shape[-1]}.")
         if x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(f"Expected a non-empty batch and sequence, but got shape {tuple(x.shape)}.")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("The input contains NaN or infinite values.")
+        x = self._match_dtype(x)
+        traced = torch.compiler.is_compiling()
+        if not traced:
+            if x.device.type == "cpu":
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError("The input contains NaN or infinite values.")
+            else:  # no host synchronization: the device raises if the assertion fails
+                torch._assert_async(torch.isfinite(x).all(), "NormLSTM: the input contains NaN or infinite values.")
         if self.batch_first:
             x = x.transpose(0, 1)
         num_steps, batch_size = x.shape[0], x.shape[1]
@@ -276,15 +269,36 @@ class NormLSTM(nn.Module):
             expected = (batch_size, num_steps) if self.batch_first else (num_steps, batch_size)
             if tuple(mask.shape) != expected:
                 raise ValueError(f"Expected a mask of shape {expected}, but got {tuple(mask.shape)}.")
-            lengths = mask_to_lengths(mask if self.batch_first else mask.t())
+            if mask.dtype != torch.bool:
+                raise ValueError(f"Expected a 2-D boolean mask (B, T), but got dtype {mask.dtype}.")
+            batch_major = mask if self.batch_first else mask.t()
+            lengths = batch_major.sum(1) if traced else mask_to_lengths(batch_major)
         if lengths is not None:
-            lengths = check_lengths(lengths, batch_size, num_steps)
+            if traced:
+                if tuple(lengths.shape) != (batch_size,) or lengths.is_floating_point():
+                    raise ValueError(f"Expected integer lengths of shape ({batch_size},), but got {lengths.dtype} {tuple(lengths.shape)}.")
+            else:
+                lengths = check_lengths(lengths, batch_size, num_steps)
         if hx is not None:
             expected = (self.num_layers * self.num_directions, batch_size, self.hidden_size)
             shapes = [tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__ for s in hx]
             if len(hx) != 2 or any(shape != expected for shape in shapes):
                 raise ValueError(f"Expected hx = (h_0, c_0), each of shape {expected}, but got shapes {shapes}.")
-        return x, lengths
+            hx = (self._match_dtype(hx[0], "hx"), self._match_dtype(hx[1], "hx"))
+        return x, lengths, hx
+
+    def _match_dtype(self, x: Tensor, what: str = "input") -> Tensor:
+        """``x`` in the module's dtype: converted under ``torch.autocast`` (the recurrence then runs
+        in the module's precision, statistics included), else a ``ValueError`` saying how to match them."""
+        dtype = self.cells[0].weight_hh.dtype
+        if x.dtype == dtype:
+            return x
+        if torch.is_autocast_enabled(x.device.type):
+            return x.to(dtype)
+        raise ValueError(
+            f"Expected the {what} in the module's dtype {dtype}, but got {x.dtype}: convert one of them, e.g. "
+            f"x.to({dtype}) or module.to({x.dtype}), or run under torch.autocast."
+        )
 
     def _check_batch_statistics(
         self, lengths: Tensor | None, batch_size: int, num_steps: int, device: torch.device
@@ -298,7 +312,7 @@ class NormLSTM(nn.Module):
         if lengths is None:
             lengths = torch.full((batch_size,), num_steps)
         counts = (lengths.unsqueeze(0) > torch.arange(num_steps).unsqueeze(1)).sum(1)  # (T,)
-        synced = any(getattr(norm, "sync_statistics", False) for cell in self.cells for norm in cell.norms)
+        synced = any(norm.synchronized for cell in self.cells for norm in cell.norms)
         processes = world_size() if synced else 1
         batch = f"batch size {batch_size}"
         if processes > 1:  # every process gets the same counts, so all raise or none does

@@ -1,21 +1,16 @@
-"""The LSTM recurrence over time, behind one function the layer dispatches to.
+"""The reference recurrence: the straightforward per-step loop of the papers' equations.
 
-``reference`` is the straightforward per-step loop: readable, exactly the papers' equations, and
-the implementation every faster path is tested against. ``fused`` (:mod:`rnorm.nn.fused`) is the
-fast path; :data:`rnorm.nn.lstm.RECURRENCES` names both.
+Readable, calling each strategy's :meth:`~rnorm.norms.Normalizer.step` at every step, and the
+implementation every faster path is tested against (the fused op of :mod:`rnorm.kernels`;
+:data:`rnorm.nn.dispatch.RECURRENCES` names both).
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from rnorm.norms.base import Normalizer
-
-if TYPE_CHECKING:
-    from rnorm.nn.cell import NormLSTMCell
 
 
 def lstm_step(
@@ -38,8 +33,8 @@ def lstm_step(
         t: the step index (0-based), for step-dependent strategies.
         mask: ``(B,)`` boolean, ``True`` where the sequence has not ended, or ``None``.
         recurrent_norm, cell_norm: the strategies of the recurrent and cell sites.
-        hidden_scale: :func:`hidden_scale_of` ``(cell_norm)``, read once per sequence by the caller;
-            ``None`` when it is 1.
+        hidden_scale: ``cell_norm.hidden_scale``, read once per sequence by the caller; ``None``
+            when it is 1.
 
     Returns:
         The new ``(h, c)``, each ``(B, H)``, not yet masked.
@@ -51,12 +46,6 @@ def lstm_step(
     if hidden_scale is not None:
         h = h * hidden_scale  # Norm-Prop's 1 / sqrt(Var[h_t]), NP eq. 17
     return h, c
-
-
-def hidden_scale_of(cell_norm: Normalizer) -> Tensor | None:
-    """The cell site's constant factor on ``h_t``, or ``None`` when it is 1 (every strategy but Norm-Prop)."""
-    scale = cell_norm.hidden_scale
-    return None if isinstance(scale, float) and scale == 1.0 else scale
 
 
 def reference_recurrence(
@@ -91,7 +80,7 @@ def reference_recurrence(
     recurrent_norm.start(num_steps)
     cell_norm.start(num_steps)
     weight_hh_t = weight_hh.t()
-    hidden_scale = hidden_scale_of(cell_norm)
+    hidden_scale = cell_norm.hidden_scale
     h, c = h0, c0
     # Unbind once: indexing input_terms[t] (or hidden_probe[t]) in the loop would give each step's
     # backward a full (T, B, 4H) gradient to write and sum, O(T^2) in all.
@@ -114,33 +103,3 @@ def reference_recurrence(
             c = torch.where(keep, c_new, c)
             outputs.append(h_new * keep)
     return torch.stack(outputs), (h, c)
-
-
-def reference_layer(
-    cell: NormLSTMCell,
-    x: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    mask: Tensor | None,
-    hidden_probe: Tensor | None = None,
-) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """One direction of one layer, the reference way: the input terms of all steps at once
-    (:meth:`NormLSTMCell.input_terms`), then :func:`reference_recurrence`.
-
-    Args:
-        cell: the weights and strategies.
-        x: ``(T, B, D)``.
-        h0, c0: ``(B, H)`` each.
-        mask: ``(T, B)`` boolean or ``None``.
-        hidden_probe: see :func:`reference_recurrence`.
-    """
-    return reference_recurrence(
-        cell.input_terms(x, mask),
-        cell.recurrent_norm.transform_weight(cell.weight_hh),
-        h0,
-        c0,
-        mask,
-        cell.recurrent_norm,
-        cell.cell_norm,
-        hidden_probe,
-    )

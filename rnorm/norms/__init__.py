@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Union
 
 from rnorm.norms.base import SITES, FusedStep, Normalizer
-from rnorm.norms.batch_norm import SequenceBatchNorm, TimeBatchNorm, set_statistics_sync
+from rnorm.norms.batch_norm import BatchStatisticsNorm, SequenceBatchNorm, TimeBatchNorm, set_statistics_sync
 from rnorm.norms.identity import Identity
 from rnorm.norms.layer_norm import LayerNorm
 from rnorm.norms.norm_prop import NormProp
@@ -76,6 +76,7 @@ def _copy_instance(prototype: Normalizer, *, site: str, num_features: int) -> No
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "BatchStatisticsNorm",
     "FusedStep",
     "NORMALIZERS",
     "SITES",

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from rnorm.kernels.kinds import get_kind
 
 SITES: tuple[str, ...] = ("input", "recurrent", "cell")
 
@@ -38,9 +40,9 @@ SITES: tuple[str, ...] = ("input", "recurrent", "cell")
 @dataclass(frozen=True)
 class FusedStep:
     """What :meth:`Normalizer.step` computes over a whole sequence, in a form the fused
-    recurrence (:mod:`rnorm.nn.fused`) runs without calling the strategy at every step.
+    recurrence (:mod:`rnorm.kernels`) runs without calling the strategy at every step.
 
-    ``kind``:
+    ``kind``, one of :data:`rnorm.kernels.STEP_KINDS` (an unknown one raises ``ValueError``):
 
     * ``"identity"``: ``y = x``.
     * ``"affine"``: ``y_t = x_t * scale[t] + shift[t]`` with ``scale``, ``shift`` ``(S, F)``, ``S``
@@ -63,12 +65,15 @@ class FusedStep:
     :func:`~rnorm.functional.distributed.synced_masked_moments` computes them.
     """
 
-    kind: Literal["identity", "affine", "batch", "layer", "rms", "sequence"]
+    kind: str
     scale: Tensor | None = None
     shift: Tensor | None = None
     eps: float = 0.0
     record: Callable[[Tensor, Tensor, Tensor], None] | None = None
     synchronized: bool = False
+
+    def __post_init__(self) -> None:
+        get_kind(self.kind)
 
 
 class Normalizer(nn.Module):
@@ -158,9 +163,17 @@ class Normalizer(nn.Module):
         return FusedStep("identity") if type(self).step is Normalizer.step else None
 
     @property
-    def hidden_scale(self) -> float:
-        """A constant that multiplies ``h_t`` (cell site only; Norm-Prop's ``1/sqrt(Var[h_t])``)."""
-        return 1.0
+    def hidden_scale(self) -> Tensor | None:
+        """A constant that multiplies ``h_t`` (cell site only; Norm-Prop's ``1/sqrt(Var[h_t])``),
+        a tensor of 1 or ``H`` elements without gradient; ``None`` (the default) for 1."""
+        return None
+
+    @property
+    def synchronized(self) -> bool:
+        """Whether this strategy's batch statistics are, right now, those of the global batch of every
+        process (data parallelism with more than one process); ``False`` for strategies without batch
+        statistics."""
+        return False
 
     # -- wiring ---------------------------------------------------------------------------------
     def output_std(self) -> float | None:

@@ -28,11 +28,15 @@ from rnorm.norms.base import FusedStep, Normalizer
 from rnorm.norms.registry import register
 
 
-class _BatchStatisticsNorm(Normalizer):
-    """Shared machinery: γ, optional β, and population statistics in ``(S, F)`` buffers.
+class BatchStatisticsNorm(Normalizer):
+    """Base of strategies that normalize with batch statistics in training and population statistics
+    in evaluation: γ, optional β, and the population statistics in ``(S, F)`` buffers.
 
     ``S`` is the number of statistic slots: ``T_max`` for ``bn``, 1 for ``seqbn``.
-    ``num_batches_tracked[s]`` counts the minibatch estimates averaged into slot ``s``.
+    ``num_batches_tracked[s]`` counts the minibatch estimates averaged into slot ``s``. What other
+    code relies on (:func:`~rnorm.norms.estimate_population_statistics`, the callbacks):
+    ``running_mean``, ``running_var``, ``num_batches_tracked``, ``momentum``,
+    :meth:`reset_population_statistics`, ``sync_statistics`` and :attr:`synchronized`.
     """
 
     batch_statistics = "step"
@@ -62,6 +66,10 @@ class _BatchStatisticsNorm(Normalizer):
         self.register_buffer("running_mean", torch.zeros(0, num_features))
         self.register_buffer("running_var", torch.zeros(0, num_features))
         self.register_buffer("num_batches_tracked", torch.zeros(0, dtype=torch.long))
+
+    @property
+    def synchronized(self) -> bool:
+        return self.sync_statistics and world_size() > 1
 
     def _batch_moments(self, x: Tensor, mask: Tensor | None, dims: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
         """Training statistics: over every process's batch if synchronized, else this one's."""
@@ -126,7 +134,7 @@ class _BatchStatisticsNorm(Normalizer):
 
 
 @register("bn", description="per-timestep batch normalization (Cooijmans et al., BN eq. 5-8)")
-class TimeBatchNorm(_BatchStatisticsNorm):
+class TimeBatchNorm(BatchStatisticsNorm):
     """Per-timestep batch normalization: separate batch and population statistics per step.
 
     Args:
@@ -186,8 +194,7 @@ class TimeBatchNorm(_BatchStatisticsNorm):
         def record(mean: Tensor, var: Tensor, count: Tensor) -> None:
             self._update(slice(0, num_steps), mean, var, count)
 
-        synchronized = self.sync_statistics and world_size() > 1  # each step's statistics all-reduced
-        return FusedStep("batch", self.gamma, self.beta, self.eps, record, synchronized)
+        return FusedStep("batch", self.gamma, self.beta, self.eps, record, self.synchronized)  # synchronized: all-reduced per step
 
     def _population(self, t: int | Tensor) -> tuple[Tensor, Tensor]:
         """Population mean and variance of step(s) ``t``, using ``T_max`` beyond it (BN §3)."""
@@ -199,7 +206,7 @@ class TimeBatchNorm(_BatchStatisticsNorm):
 
 
 @register("seqbn", description="sequencewise batch normalization: statistics shared over all steps")
-class SequenceBatchNorm(_BatchStatisticsNorm):
+class SequenceBatchNorm(BatchStatisticsNorm):
     """Sequencewise batch normalization: one set of statistics over every step and sample.
 
     Only the input site: its statistics need the whole sequence, which the recurrent and cell
@@ -228,7 +235,7 @@ class SequenceBatchNorm(_BatchStatisticsNorm):
             scale = self.gamma * torch.rsqrt(self.running_var[:1] + self.eps)  # (1, F)
             shift = -self.running_mean[:1] * scale
             return FusedStep("affine", scale, shift if self.beta is None else shift + self.beta)
-        if self.sync_statistics and world_size() > 1:
+        if self.synchronized:  # the input terms before the loop, through forward's synchronized moments
             return None
 
         def record(mean: Tensor, var: Tensor, count: Tensor) -> None:
@@ -264,7 +271,7 @@ def set_statistics_sync(module: nn.Module, enabled: bool) -> int:
     """
     changed = 0
     for child in module.modules():
-        if isinstance(child, _BatchStatisticsNorm) and child.sync_statistics != bool(enabled):
+        if isinstance(child, BatchStatisticsNorm) and child.sync_statistics != bool(enabled):
             child.sync_statistics = bool(enabled)
             changed += 1
     return changed

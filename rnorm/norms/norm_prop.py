@@ -104,8 +104,8 @@ class NormProp(RowScaledWeight):
         return FusedStep("affine", (self.gamma * torch.rsqrt(self.cell_var)).unsqueeze(0))  # (1, H), eq. 17
 
     @property
-    def hidden_scale(self) -> float | Tensor:
-        return torch.rsqrt(self.hidden_var) if self.site == "cell" else 1.0  # 1 / sqrt(Var[h_t])
+    def hidden_scale(self) -> Tensor | None:
+        return torch.rsqrt(self.hidden_var).detach() if self.site == "cell" else None  # 1 / sqrt(Var[h_t])
 
     def extra_repr(self) -> str:
         extra = f", cell_var={float(self.cell_var):.5f}, hidden_var={float(self.hidden_var):.5f}" if self.site == "cell" else ""

@@ -44,11 +44,11 @@ def estimate_population_statistics(
     Raises:
         ValueError: ``num_batches`` < 1, or ``batches`` yielded nothing.
     """
-    from rnorm.norms.batch_norm import _BatchStatisticsNorm
+    from rnorm.norms.batch_norm import BatchStatisticsNorm
 
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"Expected num_batches >= 1 or None, but got {num_batches}.")
-    norms = [m for m in model.modules() if isinstance(m, _BatchStatisticsNorm)]
+    norms = [m for m in model.modules() if isinstance(m, BatchStatisticsNorm)]
     modes = [(m, m.training) for m in model.modules()]
     saved = [(norm.momentum, norm.running_mean, norm.running_var, norm.num_batches_tracked) for norm in norms]
     run = forward or _default_forward

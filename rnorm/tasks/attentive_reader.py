@@ -43,7 +43,7 @@ from torchmetrics import MeanMetric
 
 from rnorm import norms
 from rnorm.nn import NormLSTM
-from rnorm.nn.masking import lengths_to_mask
+from rnorm.functional.masking import lengths_to_mask
 from rnorm.tasks.base import EncoderFactory, RecurrentTask, orthogonal_linear
 
 __all__ = ["AttentionReadout", "AttentiveReader", "NormalizedSum", "ReaderOutput"]

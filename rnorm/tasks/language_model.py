@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from rnorm.metrics import BitsPerCharacter
-from rnorm.nn.masking import lengths_to_mask
+from rnorm.functional.masking import lengths_to_mask
 from rnorm.tasks.base import EncoderFactory, RecurrentTask, orthogonal_linear
 
 

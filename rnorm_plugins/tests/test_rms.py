@@ -78,7 +78,7 @@ def test_defaults_and_parameters() -> None:
     torch.testing.assert_close(norm.gamma.detach(), torch.ones(5))
     assert RMSNorm.supported_sites == frozenset({"input", "recurrent", "cell"})
     assert RMSNorm.batch_statistics is None
-    assert norm.hidden_scale == 1.0 and norm.output_std() == 1.0
+    assert norm.hidden_scale is None and norm.output_std() == 1.0  # None: no scale on h_t
     with_beta = RMSNorm("input", 4, gamma_init=0.1, learn_beta=True)
     torch.testing.assert_close(with_beta.gamma.detach(), torch.full((4,), 0.1))
     torch.testing.assert_close(with_beta.beta.detach(), torch.zeros(4))

@@ -23,13 +23,12 @@ import pytest
 import torch
 
 from rnorm import norms
-from rnorm.nn import NormLSTM, native, recurrence
-from rnorm.nn import fused as fused_module
-from rnorm.nn import lstm as lstm_module
+from rnorm.kernels import native, resolve_backend
+from rnorm.nn import NormLSTM, dispatch
 
 RTOL = 1e-9
 
-NATIVE = pytest.mark.skipif(not native.available(), reason="the compiled CPU kernels (rnorm.nn._fused_step) are not built")
+NATIVE = pytest.mark.skipif(not native.available(), reason="the compiled CPU kernels (rnorm.kernels._fused_step) are not built")
 
 
 @pytest.fixture(params=[pytest.param("fused", marks=NATIVE), "fused_torch"])
@@ -159,8 +158,8 @@ def test_strategy_without_fused_form_runs_the_reference(monkeypatch):
             return 2.0 * x
 
     calls = []
-    real = recurrence.reference_layer
-    monkeypatch.setattr(fused_module, "reference_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = dispatch.reference_layer
+    monkeypatch.setattr(dispatch, "reference_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     model = NormLSTM(3, 4, input_norm="none", recurrent_norm=Doubling, cell_norm="none", impl="fused")
     reference = NormLSTM(3, 4, input_norm="none", recurrent_norm=Doubling, cell_norm="none", impl="reference")
@@ -173,7 +172,7 @@ def test_strategy_without_fused_form_runs_the_reference(monkeypatch):
 def test_fused_is_the_default_and_reference_selectable():
     assert NormLSTM(2, 3).impl == "fused"
     assert NormLSTM(2, 3, impl="reference").impl == "reference"
-    assert set(lstm_module.RECURRENCES) == {"fused", "fused_torch", "reference"}
+    assert set(dispatch.RECURRENCES) == {"fused", "fused_torch", "reference"}
 
 
 def test_input_terms_before_the_loop_when_the_covariance_is_dear(impl):
@@ -209,11 +208,11 @@ def test_fused_runs_the_compiled_kernels_where_built(monkeypatch):
     """``impl="fused"`` on float CPU tensors goes through the compiled kernels, forward and backward;
     ``fused_torch`` never does."""
     calls = []
-    for name in ("forward_loop", "backward_loop"):
+    for name in ("forward", "backward"):
         real = getattr(native, name)
         monkeypatch.setattr(native, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     x = torch.randn(3, 4, 2, requires_grad=True)
-    for impl, expected in (("fused", ["forward_loop", "backward_loop"]), ("fused_torch", [])):
+    for impl, expected in (("fused", ["forward", "backward"]), ("fused_torch", [])):
         calls.clear()
         output, _ = NormLSTM(2, 3, impl=impl)(x)
         output.sum().backward()
@@ -235,40 +234,16 @@ def test_second_backward_through_the_compiled_kernels_is_refused():
     out.sum().backward()  # allowed: the torch-ops backward keeps its buffers
 
 
-def test_kernels_option_is_checked():
-    """An unknown ``kernels`` value, or ``native`` where the kernels cannot run, is a clear error."""
+def test_backend_option_is_checked():
+    """An unknown backend, or ``native`` where the kernels cannot run, is a clear error."""
     x, h = torch.randn(4, 3, 2), torch.zeros(3, 3)
     cell = next(m for m in NormLSTM(2, 3).modules() if m.__class__.__name__ == "NormLSTMCell")
     with pytest.raises(ValueError, match="Available: auto, native, torch"):
-        fused_module.fused_layer(cell, x, h, h, None, kernels="cuda")
+        dispatch.fused_layer(cell, x, h, h, None, backend="cuda")
     half = cell.to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="compiled CPU kernels cannot run"):
-        fused_module.fused_layer(half, x.bfloat16(), h.bfloat16(), h.bfloat16(), None, kernels="native")
+        dispatch.fused_layer(half, x.bfloat16(), h.bfloat16(), h.bfloat16(), None, backend="native")
 
-
-@NATIVE
-def test_compiled_plan_rejects_missing_buffers():
-    """A plan the kernels cannot run raises a Python error instead of reading a null pointer."""
-    from rnorm.nn import _fused_step
-
-    with pytest.raises(KeyError, match="itemsize"):
-        _fused_step.forward_plan({})
-    with pytest.raises(ValueError, match="float32"):
-        _fused_step.backward_plan({"itemsize": 2})
-    entries = {key: None for key in ("z", "given", "shift", "cell_shift", "act", "tanh_cell", "cell_new", "states_h", "states_c", "output", "probe", "hidden_scale", "mask", "weights")}
-    entries.update({"itemsize": 4, "num_steps": 3, "batch": 2, "hidden": 3, "save": 0, "base": 2, "shift_step": 0, "cell_shift_step": 0, "hidden_scale_step": 0, "weights_step": 0})
-    for site in ("input", "recurrent", "cell"):
-        entries.update({f"{site}_{field}": None for field in ("u", "scale", "rstd", "mean", "var")})
-        entries.update({f"{site}_kind": 0, f"{site}_u_step": 0, f"{site}_scale_step": 0, f"{site}_rstd_step": 0, f"{site}_eps": 0.0})
-    entries["recurrent_kind"] = 2  # batch statistics without their buffers
-    with pytest.raises(ValueError, match="required but missing"):
-        _fused_step.forward_plan(entries)
-    entries["recurrent_kind"] = 0
-    buffers = {key: torch.zeros(4, 2, 12) for key in ("act", "tanh_cell", "states_h", "states_c", "weights")}
-    entries.update({key: buffer.data_ptr() for key, buffer in buffers.items()})
-    plan = _fused_step.forward_plan(entries)
-    with pytest.raises(IndexError, match="out of range"):
-        _fused_step.forward(plan, 3)
 
 
 @NATIVE
@@ -342,10 +317,10 @@ def test_synchronized_statistics_run_with_torch_operations():
     """Batch statistics all-reduced across processes (``bn`` under DDP) take the torch-ops loop, which
     all-reduces each step's moments (checked against one process in tests/functional/test_distributed.py);
     asking for the compiled kernels there is a clear error."""
-    x = torch.randn(2, 3)
-    assert fused_module._native_kernels("auto", True, x) is None
-    assert fused_module._native_kernels("torch", False, x) is None
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, torch.float32, True) == "torch"
+    assert resolve_backend("torch", cpu, torch.float32, False) == "torch"
     if native.available():
-        assert fused_module._native_kernels("auto", False, x) is native.load()
+        assert resolve_backend("auto", cpu, torch.float32, False) == "native"
         with pytest.raises(RuntimeError, match="synchronized across processes"):
-            fused_module._native_kernels("native", True, x)
+            resolve_backend("native", cpu, torch.float32, True)

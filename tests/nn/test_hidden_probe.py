@@ -24,4 +24,7 @@ def test_probe_gradient_is_the_total_gradient_of_each_hidden_state():
         # Central difference in float64: truncation error O(eps^2), rounding O(1e-16 / eps).
         assert abs(float(probe.grad[t, 1, 2]) - float(up - down) / (2 * eps)) < 1e-7
     assert probe.grad[0].abs().sum() > 0  # early steps receive gradient through the recurrence
-    torch.testing.assert_close(output, lstm(x)[0], rtol=0, atol=0)  # zeros change nothing
+    # Zeros change nothing. The probed direction runs the reference loop (diagnostics stay out of the
+    # fused kernels), the rest the fused one: equal up to the rounding of their different orders of
+    # operations (float64: about 1e-15 here; float64's default tolerance 1e-7 far below a real change).
+    torch.testing.assert_close(output, lstm(x)[0])

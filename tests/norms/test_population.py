@@ -14,7 +14,7 @@ import torch
 
 from rnorm import NormLSTM
 from rnorm.norms import TimeBatchNorm, estimate_population_statistics
-from rnorm.norms.batch_norm import _BatchStatisticsNorm
+from rnorm.norms import BatchStatisticsNorm
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 D, H = 3, 4
@@ -134,7 +134,7 @@ def test_bidirectional_stacked_model_matches_separate_first_estimates():
     for batch in batches:
         alone = copy.deepcopy(model).train()
         for norm in alone.modules():
-            if isinstance(norm, _BatchStatisticsNorm):
+            if isinstance(norm, BatchStatisticsNorm):
                 norm.reset_population_statistics()
         alone(*batch)
         per_batch.append([(n.running_mean.clone(), n.running_var.clone()) for n in _norms(alone)])

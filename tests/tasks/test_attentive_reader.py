@@ -21,7 +21,7 @@ from rnorm import norms
 from rnorm.data import QADataModule, write_synthetic_corpus
 from rnorm.data.qa import candidates_of
 from rnorm.nn import NormLSTM
-from rnorm.norms.batch_norm import SequenceBatchNorm, TimeBatchNorm, _BatchStatisticsNorm
+from rnorm.norms import BatchStatisticsNorm, SequenceBatchNorm, TimeBatchNorm
 from rnorm.tasks import AttentiveReader
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "qa").glob("*.yaml"))
@@ -189,7 +189,7 @@ def test_population_forward_estimates_every_batch_statistic():
     batch = _batch([6, 6, 4, 3], [3, 3, 2, 2])
     used = norms.estimate_population_statistics(model, [batch, batch], forward=lambda m, b: m.population_forward(b))
     assert used == 2
-    found = [m for m in model.modules() if isinstance(m, _BatchStatisticsNorm)]
+    found = [m for m in model.modules() if isinstance(m, BatchStatisticsNorm)]
     attention = [*model.readout.memory.norms, *model.joint.norms]
     assert all(isinstance(n, SequenceBatchNorm) for n in attention) and all(n in found for n in attention)
     for norm in found:

@@ -1,23 +1,22 @@
-// The per-step elementwise work of rnorm's fused LSTM recurrence on CPU (rnorm.nn._fused_step).
+// The per-step elementwise work of rnorm's fused LSTM recurrence on CPU (rnorm.kernels._fused_step).
 //
-// rnorm/nn/fused.py runs the time loop. At every step it does the GEMMs with torch (W_x x_t and
-// W_h h_{t-1}, into buffers) and calls this module once; everything between the GEMMs happens here
-// in a few passes over (B, 4H): batch or layer statistics of the input and recurrent terms, their
-// normalization (BN eq. 5-6), the gates, the cell (eq. 7), the cell's normalization and the output
-// (eq. 8; Norm-Prop's eq. 15-17), padding. The backward step does the same for the hand-derived
-// derivatives, up to the recurrent GEMM. The torch-ops loop in fused.py computes the same function
-// and is what runs where this module is not built; tests/nn/test_fused.py compares both with the
-// reference loop.
+// rnorm/kernels/native.py runs the time loop. At every step it does the GEMMs with torch (W_x x_t
+// and W_h h_{t-1}, into buffers) and calls this module once; everything between the GEMMs happens
+// here in a few passes over (B, 4H): batch or layer statistics of the input and recurrent terms,
+// their normalization, the gates, the cell, the cell's normalization and the output, padding
+// (docs/fused_backward.md eq. 4-11). The backward step does the same for the hand-derived
+// derivatives (eq. 11-16), up to the recurrent GEMM. rnorm/kernels/torch_loop.py computes the same
+// function with torch operations; tests/kernels/ compare both with the reference loop.
 //
-// No torch headers: the module takes raw data pointers (contiguous CPU tensors that fused.py
-// allocates and keeps alive), so it builds with any C++17 compiler in a second, without torch at
-// build time. A "plan" is made once per layer call from a dict of pointers, sizes and kinds and
-// holds its scratch space; each step is then one call with the step index.
+// No torch headers, so it builds with any C++17 compiler in seconds, without torch at build time.
+// Tensors cross as DLPack capsules (see "The checked boundary" below): a plan is made once per layer
+// call from an object holding its named buffers, every buffer checked against the plan's sizes and
+// kinds; each step is then one call with the step index.
 //
-// Conventions (mirroring fused.py): rows are samples b < B, columns features j < F, row-major.
-// "z-space": the g block's pre-activation is doubled by the caller (in the weights or scales), so
-// that sigmoid(z) gives every gate and tanh(g) = 2 sigmoid(2g) - 1; the cell site's scale and
-// shift are doubled for the output tanh in the same way.
+// Conventions: rows are samples b < B, columns features j < F, row-major. "z-space": the g block's
+// pre-activation is doubled by the caller (in the weights or scales), so that sigmoid(z) gives every
+// gate and tanh(g) = 2 sigmoid(2g) - 1; the cell site's scale and shift are doubled for the output
+// tanh in the same way (eq. 1-3).
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -26,8 +25,10 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <iterator>
 #include <memory>
 #include <new>
+#include <string>
 #include <vector>
 
 // Every helper is inlined into the two entry points (forward_step / backward_step), which are
@@ -266,7 +267,6 @@ struct ForwardPlan {
   T* states_h = nullptr;   // (T + 1, B, H) when saving, else (2, B, H) used in turn
   T* states_c = nullptr;
   T* output = nullptr;     // (T, B, H) or null: the output is the next state
-  const T* probe = nullptr;         // (T, B, H) or null
   const T* hidden_scale = nullptr;  // (1,) or (H,), or null
   long hidden_scale_step = 0;
   const T* mask = nullptr;     // (T, B) of 0/1, or null
@@ -358,7 +358,6 @@ RNORM_INLINE void forward_step(ForwardPlan<T>& p, long t) {
   const T* h_prev = p.states_h + prev * B * H;
   T* h_next = p.states_h + next * B * H;
   T* out = p.output ? p.output + t * B * H : h_next;
-  const T* probe = p.probe ? p.probe + t * B * H : nullptr;
   const T* m = p.mask ? p.mask + t * B : nullptr;
   for (long b = 0; b < B; ++b) {
     const T* a = act + b * G + 3 * H;  // sigmoid(o)
@@ -375,11 +374,6 @@ RNORM_INLINE void forward_step(ForwardPlan<T>& p, long t) {
       const T* hs = p.hidden_row.data();
 #pragma omp simd
       for (long k = 0; k < H; ++k) ob[k] *= hs[k];
-    }
-    if (probe) {
-      const T* pr = probe + b * H;
-#pragma omp simd
-      for (long k = 0; k < H; ++k) ob[k] += pr[k];
     }
     // -- padding: an ended sequence keeps its state and outputs 0 ------------------------------
     T* hn = h_next + b * H;
@@ -523,12 +517,11 @@ struct BackwardPlan {
   const T* act = nullptr;
   const T* tanh_cell = nullptr;
   const T* states_c = nullptr;  // (T + 1, B, H): c_{t-1} is row t
-  T chat_factor = 1;            // on d loss / d(2 c-hat): 1/2 for a cell site, times Norm-Prop's scale
-  bool scale_chat = false;
+  T chat_factor = 1;            // on d loss / d(2 c-hat): 1/2 where a cell site works on 2 c-hat (eq. 12)
+  bool scale_chat = false;      // chat_factor != 1 or a Norm-Prop scale on h (hidden_row)
   const T* hidden_scale = nullptr;
   long hidden_scale_step = 0;
   T* grad_chat = nullptr;   // (T, B, H) or null
-  T* grad_probe = nullptr;  // (T, B, H) or null
   T* grad_z = nullptr;      // (T, B, 4H); may be act itself (each step reads its row before writing it)
   BackSite<T> input, recurrent, cell;
   std::vector<T> hidden_row;  // (H,): Norm-Prop's scale on h spread over the units, or ones
@@ -569,7 +562,6 @@ RNORM_INLINE void backward_step(BackwardPlan<T>& p, long t) {
       for (long k = 0; k < H; ++k) dch[k] *= f * hs[k];
     }
   }
-  if (p.grad_probe) std::memcpy(p.grad_probe + t * B * H, dhn, B * H * sizeof(T));
 
   // -- through the cell site ------------------------------------------------------------------------
   const T* dcell = dchat;
@@ -617,51 +609,232 @@ RNORM_CLONES void backward_f32(BackwardPlan<float>& p, long t) { backward_step(p
 RNORM_CLONES void backward_f64(BackwardPlan<double>& p, long t) { backward_step(p, t); }
 
 // ---------------------------------------------------------------------------------------------
-// Python glue: plans from dicts, steps by index.
+// Floating-point environment: denormals. Gradients that fade over hundreds of steps become
+// denormal floats, which x86 handles many times slower than normal ones (microcode assists). The
+// Python side flushes them to zero for the duration of a time loop (rnorm.kernels.native) and
+// restores the caller's mode after: numbers above the denormal range do not change.
 
-struct Reader {
-  PyObject* dict;
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+constexpr unsigned kFlushBits = 0x8040;  // MXCSR: FTZ (bit 15) and DAZ (bit 6)
+unsigned read_fp_mode() { return _mm_getcsr(); }
+void write_fp_mode(unsigned mode) { _mm_setcsr(mode); }
+constexpr bool kCanFlush = true;
+#elif defined(__aarch64__)
+constexpr unsigned kFlushBits = 1u << 24;  // FPCR: FZ
+unsigned read_fp_mode() {
+  uint64_t fpcr;
+  __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+  return static_cast<unsigned>(fpcr);
+}
+void write_fp_mode(unsigned mode) {
+  uint64_t fpcr = mode;
+  __asm__ __volatile__("msr fpcr, %0" : : "r"(fpcr));
+}
+constexpr bool kCanFlush = true;
+#else
+constexpr unsigned kFlushBits = 0;
+unsigned read_fp_mode() { return 0; }
+void write_fp_mode(unsigned) {}
+constexpr bool kCanFlush = false;
+#endif
+
+// flush_denormals(on) -> the previous flush bits (restore with restore_denormals).
+PyObject* flush_denormals(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  const unsigned mode = read_fp_mode();
+  write_fp_mode(on ? (mode | kFlushBits) : (mode & ~kFlushBits));
+  return PyLong_FromUnsignedLong(mode & kFlushBits);
+}
+
+PyObject* restore_denormals(PyObject*, PyObject* arg) {
+  const unsigned long bits = PyLong_AsUnsignedLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  write_fp_mode((read_fp_mode() & ~kFlushBits) | (static_cast<unsigned>(bits) & kFlushBits));
+  Py_RETURN_NONE;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The checked boundary. Python hands over a plan's buffers as the fields of one object (a
+// dataclass of rnorm.kernels.native); each tensor crosses as a DLPack capsule (Tensor.__dlpack__),
+// so its data pointer comes with torch's own record of its dtype, device, shape and strides. Every
+// buffer is checked against the shape the plan's sizes and kinds give it, before any step runs and
+// while the GIL is held; the plan keeps the capsules, and with them the memory, alive.
+
+struct DLDevice {  // the DLPack standard's structs (dlpack.h), unversioned ABI: capsule "dltensor"
+  int32_t device_type;
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;  // in elements; null means compact row-major
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+constexpr int32_t kDLCPU = 1;
+constexpr uint8_t kDLFloat = 2;
+
+// The fields a plan reads, by name: rnorm.kernels.native's ForwardBuffers and BackwardBuffers have
+// exactly these (tests/kernels/test_native.py checks it).
+const char* const kForwardBuffers[] = {
+    "z", "given", "shift", "cell_shift", "act", "tanh_cell", "cell_new", "states_h", "states_c", "output",
+    "hidden_scale", "mask", "weights", "input_u", "input_scale", "input_rstd", "input_mean", "input_var",
+    "recurrent_u", "recurrent_scale", "recurrent_rstd", "recurrent_mean", "recurrent_var", "cell_u", "cell_scale",
+    "cell_rstd", "cell_mean", "cell_var"};
+const char* const kBackwardBuffers[] = {
+    "grad_output", "dh", "dc", "mask", "weights", "act", "tanh_cell", "states_c", "hidden_scale", "grad_chat",
+    "grad_z", "input_norm", "input_rstd", "input_scale", "input_sum_dy", "input_sum_dy_xhat", "input_gamma_grad",
+    "input_raw", "input_scale_rows", "input_grad", "recurrent_norm", "recurrent_rstd", "recurrent_scale",
+    "recurrent_sum_dy", "recurrent_sum_dy_xhat", "recurrent_gamma_grad", "recurrent_raw", "recurrent_scale_rows",
+    "recurrent_grad", "cell_norm", "cell_rstd", "cell_scale", "cell_sum_dy", "cell_sum_dy_xhat", "cell_gamma_grad"};
+
+// One dimension of an expected shape: a size, or either of two (a per-step table of 1 or T rows).
+struct Dim {
+  long size;
+  long other = -1;
+  Dim(long s) : size(s) {}  // NOLINT: implicit, so that shapes read {B, H}
+  Dim(long s, long o) : size(s), other(o) {}
+  bool matches(long v) const { return v == size || (other >= 0 && v == other); }
+};
+
+struct Capsules {  // owned references, released with the plan (the GIL is held then)
+  std::vector<PyObject*> items;
+  ~Capsules() {
+    for (PyObject* item : items) Py_DECREF(item);
+  }
+};
+
+class Binder {
+ public:
+  Binder(PyObject* buffers, const char* plan, const char* const* names, size_t count, Capsules* keep)
+      : buffers_(buffers), plan_(plan), names_(names), count_(count), keep_(keep) {}
+
   bool failed = false;
+  int itemsize = 0;  // of the plan's dtype: 4 or 8
 
-  PyObject* item(const char* key) {
-    PyObject* value = PyDict_GetItemString(dict, key);  // borrowed
-    if (!value) {
-      PyErr_Format(PyExc_KeyError, "fused step plan: missing entry %s", key);
-      failed = true;
-    }
-    return value;
-  }
-  long integer(const char* key) {
-    if (failed) return 0;
-    PyObject* value = item(key);
-    if (!value) return 0;
-    long result = PyLong_AsLong(value);
-    if (result == -1 && PyErr_Occurred()) failed = true;
-    return result;
-  }
-  double real(const char* key) {
-    if (failed) return 0;
-    PyObject* value = item(key);
-    if (!value) return 0;
-    double result = PyFloat_AsDouble(value);
-    if (result == -1.0 && PyErr_Occurred()) failed = true;
-    return result;
-  }
-  // Fails the plan if a buffer its kinds need is missing (a bug in the caller, never a crash here).
-  void require(const void* ptr, const char* what) {
-    if (failed || ptr) return;
-    PyErr_Format(PyExc_ValueError, "fused step plan: %s is required but missing", what);
-    failed = true;
-  }
+  // The buffer `name` as a T*, or null where it is None and not required; fails the plan on any
+  // mismatch. `rows`, if given, receives the first dimension's size.
   template <typename T>
-  T* pointer(const char* key) {  // 0 or None: null
+  T* get(const char* name, std::initializer_list<Dim> shape, bool required, long* rows = nullptr) {
     if (failed) return nullptr;
-    PyObject* value = item(key);
-    if (!value || value == Py_None) return nullptr;
-    void* result = PyLong_AsVoidPtr(value);
-    if (PyErr_Occurred()) failed = true;
-    return static_cast<T*>(result);
+    if (!known(name)) return fail<T>(PyExc_SystemError, "%s plan: '%s' is not one of its buffers", name);
+    PyObject* value = PyObject_GetAttrString(buffers_, name);
+    if (!value) {
+      failed = true;
+      return nullptr;
+    }
+    if (value == Py_None) {
+      Py_DECREF(value);
+      if (required) return fail<T>(PyExc_ValueError, "%s plan: buffer '%s' is required by the plan's kinds but is None", name);
+      return nullptr;
+    }
+    PyObject* capsule = PyObject_CallMethod(value, "__dlpack__", nullptr);
+    Py_DECREF(value);
+    if (!capsule) {
+      failed = true;
+      return nullptr;
+    }
+    keep_->items.push_back(capsule);
+    auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
+    if (!managed) {
+      failed = true;
+      return nullptr;
+    }
+    const DLTensor& t = managed->dl_tensor;
+    if (t.device.device_type != kDLCPU) return fail<T>(PyExc_ValueError, "%s plan: buffer '%s' is not on the CPU", name);
+    if (t.dtype.code != kDLFloat || t.dtype.lanes != 1 || t.dtype.bits != 8 * sizeof(T))
+      return fail<T>(PyExc_ValueError, "%s plan: buffer '%s' is not of the plan's dtype (float%d)", name,
+                     static_cast<int>(8 * sizeof(T)));
+    bool ok = t.ndim == static_cast<int32_t>(shape.size());
+    long expected_stride = 1;
+    for (int d = static_cast<int>(shape.size()) - 1; ok && d >= 0; --d) {
+      const long size = static_cast<long>(t.shape[d]);
+      ok = shape.begin()[d].matches(size);
+      // row-major and compact; the stride of a dimension of size 1 does not matter
+      if (ok && t.strides && size > 1) ok = t.strides[d] == expected_stride;
+      expected_stride *= size;
+    }
+    if (!ok) return mismatch<T>(name, t, shape);
+    if (rows) *rows = shape.size() ? static_cast<long>(t.shape[0]) : 1;
+    return reinterpret_cast<T*>(static_cast<char*>(t.data) + t.byte_offset);
   }
+
+  // Reads a buffer's element size (float32 or float64) to choose the plan's type.
+  bool probe_itemsize(const char* name) {
+    PyObject* value = PyObject_GetAttrString(buffers_, name);
+    if (!value) return false;
+    PyObject* capsule = value == Py_None ? nullptr : PyObject_CallMethod(value, "__dlpack__", nullptr);
+    Py_DECREF(value);
+    if (!capsule) {
+      if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "%s plan: buffer '%s' is required but is None", plan_, name);
+      return false;
+    }
+    auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
+    const bool ok = managed && managed->dl_tensor.dtype.code == kDLFloat &&
+                    (managed->dl_tensor.dtype.bits == 32 || managed->dl_tensor.dtype.bits == 64);
+    if (ok) itemsize = managed->dl_tensor.dtype.bits / 8;
+    Py_DECREF(capsule);
+    if (!ok && !PyErr_Occurred())
+      PyErr_Format(PyExc_ValueError, "%s plan: buffer '%s' must be float32 or float64", plan_, name);
+    return ok;
+  }
+
+ private:
+  bool known(const char* name) const {
+    for (size_t i = 0; i < count_; ++i)
+      if (std::strcmp(names_[i], name) == 0) return true;
+    return false;
+  }
+
+  template <typename T>
+  T* fail(PyObject* type, const char* format, const char* name, int extra = 0) {
+    PyErr_Format(type, format, plan_, name, extra);
+    failed = true;
+    return nullptr;
+  }
+
+  template <typename T>
+  T* mismatch(const char* name, const DLTensor& t, std::initializer_list<Dim> shape) {
+    bool shape_ok = t.ndim == static_cast<int32_t>(shape.size());
+    for (int d = 0; shape_ok && d < t.ndim; ++d) shape_ok = shape.begin()[d].matches(static_cast<long>(t.shape[d]));
+    if (shape_ok) {
+      PyErr_Format(PyExc_ValueError, "%s plan: buffer '%s' is not contiguous (row-major)", plan_, name);
+    } else {
+      std::string got = "(", want = "(";
+      for (int d = 0; d < t.ndim; ++d) got += (d ? ", " : "") + std::to_string(t.shape[d]);
+      size_t d = 0;
+      for (const Dim& dim : shape) {
+        want += (d++ ? ", " : "") + std::to_string(dim.size);
+        if (dim.other >= 0 && dim.other != dim.size) want += " or " + std::to_string(dim.other);
+      }
+      got += t.ndim == 1 ? ",)" : ")";
+      want += shape.size() == 1 ? ",)" : ")";
+      PyErr_Format(PyExc_ValueError, "%s plan: buffer '%s' has shape %s, but the plan's sizes and kinds need %s", plan_,
+                   name, got.c_str(), want.c_str());
+    }
+    failed = true;
+    return nullptr;
+  }
+
+  PyObject* buffers_;
+  const char* plan_;
+  const char* const* names_;
+  size_t count_;
+  Capsules* keep_;
 };
 
 // (H,) of value[k * step], or ones without a value.
@@ -674,233 +847,241 @@ std::vector<T> spread(const T* value, long step, long hidden) {
 }
 
 template <typename T>
-void read_site(Reader& r, const char* prefix, Site<T>& site) {
-  char key[64];
-  auto name = [&](const char* field) {
-    PyOS_snprintf(key, sizeof key, "%s_%s", prefix, field);
-    return key;
-  };
-  site.kind = static_cast<int>(r.integer(name("kind")));
-  site.u = r.pointer<T>(name("u"));
-  site.u_step = r.integer(name("u_step"));
-  site.scale = r.pointer<const T>(name("scale"));
-  site.scale_step = r.integer(name("scale_step"));
-  site.rstd = r.pointer<T>(name("rstd"));
-  site.rstd_step = r.integer(name("rstd_step"));
-  site.mean = r.pointer<T>(name("mean"));
-  site.var = r.pointer<T>(name("var"));
-  site.eps = static_cast<T>(r.real(name("eps")));
-  if (site.kind < kNone || site.kind > kRms) {
-    PyErr_Format(PyExc_ValueError, "fused step plan: unknown kind %d for %s", site.kind, prefix);
-    r.failed = true;
-  }
-  if (site.kind != kNone) {
-    r.require(site.u, prefix);
-    r.require(site.scale, prefix);
-  }
-  if (site.kind == kBatch || per_row(site.kind)) r.require(site.rstd, prefix);
-  if (site.kind == kBatch) {
-    r.require(site.mean, prefix);
-    r.require(site.var, prefix);
+void bind_site(Binder& r, const char* prefix, Site<T>& site, int kind, double eps, long saved, long steps, long B, long F,
+               bool is_cell) {
+  site.kind = kind;
+  site.eps = static_cast<T>(eps);
+  if (kind == kNone) return;
+  const std::string p(prefix);
+  const bool normalizing = kind == kBatch || per_row(kind);
+  long rows = 1;
+  // An affine cell site reads c_t itself; every other non-identity site writes its term into u.
+  site.u = r.get<T>((p + "_u").c_str(), {saved, B, F}, normalizing || !is_cell);
+  site.u_step = B * F;
+  site.scale = r.get<const T>((p + "_scale").c_str(), {Dim(1, steps), F}, true, &rows);
+  site.scale_step = rows > 1 ? F : 0;
+  if (normalizing) {
+    if (kind == kBatch) {
+      site.rstd = r.get<T>((p + "_rstd").c_str(), {saved, 1, F}, true);
+      site.rstd_step = F;
+      site.mean = r.get<T>((p + "_mean").c_str(), {steps, 1, F}, true);
+      site.var = r.get<T>((p + "_var").c_str(), {steps, 1, F}, true);
+    } else {
+      site.rstd = r.get<T>((p + "_rstd").c_str(), {saved, B, 1}, true);
+      site.rstd_step = B;
+    }
   }
 }
 
 template <typename T>
-void read_back_site(Reader& r, const char* prefix, BackSite<T>& site) {
-  char key[64];
-  auto name = [&](const char* field) {
-    PyOS_snprintf(key, sizeof key, "%s_%s", prefix, field);
-    return key;
-  };
-  site.kind = static_cast<int>(r.integer(name("kind")));
-  site.norm = r.pointer<const T>(name("norm"));
-  site.rstd = r.pointer<const T>(name("rstd"));
-  site.rstd_step = r.integer(name("rstd_step"));
-  site.scale = r.pointer<const T>(name("scale"));
-  site.scale_step = r.integer(name("scale_step"));
-  site.sum_dy = r.pointer<T>(name("sum_dy"));
-  site.sum_dy_xhat = r.pointer<T>(name("sum_dy_xhat"));
-  site.gamma_grad = r.pointer<T>(name("gamma_grad"));
-  site.raw = r.pointer<const T>(name("raw"));
-  site.scale_rows = r.pointer<T>(name("scale_rows"));
-  site.grad = r.pointer<T>(name("grad"));
-  if (site.kind < kNone || site.kind > kRms) {
-    PyErr_Format(PyExc_ValueError, "fused step plan: unknown kind %d for %s", site.kind, prefix);
-    r.failed = true;
+void bind_back_site(Binder& r, const char* prefix, BackSite<T>& site, int kind, long steps, long B, long F, bool is_cell) {
+  site.kind = kind;
+  if (kind == kNone) return;
+  const std::string p(prefix);
+  long rows = 1;
+  site.scale = r.get<const T>((p + "_scale").c_str(), {Dim(1, steps), F}, true, &rows);
+  site.scale_step = rows > 1 ? F : 0;
+  if (kind == kBatch || per_row(kind)) {
+    site.norm = r.get<const T>((p + "_norm").c_str(), {steps, B, F}, true);
+    if (kind == kBatch) {
+      site.rstd = r.get<const T>((p + "_rstd").c_str(), {steps, 1, F}, true);
+      site.rstd_step = F;
+      site.sum_dy = r.get<T>((p + "_sum_dy").c_str(), {steps, 1, F}, true);
+      site.sum_dy_xhat = r.get<T>((p + "_sum_dy_xhat").c_str(), {steps, 1, F}, true);
+    } else {
+      site.rstd = r.get<const T>((p + "_rstd").c_str(), {steps, B, 1}, true);
+      site.rstd_step = B;
+      site.gamma_grad = r.get<T>((p + "_gamma_grad").c_str(), {F}, true);
+    }
   }
-  if (site.kind != kNone) r.require(site.scale, prefix);
-  if (site.kind == kBatch || per_row(site.kind)) {
-    r.require(site.norm, prefix);
-    r.require(site.rstd, prefix);
+  if (kind == kAffine && !is_cell) {
+    site.scale_rows = r.get<T>((p + "_scale_rows").c_str(), {steps, F}, false);
+    site.raw = r.get<const T>((p + "_raw").c_str(), {steps, B, F}, site.scale_rows != nullptr);
   }
-  if (site.kind == kBatch) {
-    r.require(site.sum_dy, prefix);
-    r.require(site.sum_dy_xhat, prefix);
-  }
-  if (per_row(site.kind)) r.require(site.gamma_grad, prefix);
-  if (site.kind == kAffine && site.scale_rows) r.require(site.raw, prefix);
-  if (site.kind != kNone && std::strcmp(prefix, "cell") != 0) r.require(site.grad, prefix);
+  if (!is_cell) site.grad = r.get<T>((p + "_grad").c_str(), {steps, B, F}, true);
 }
 
 const char* kForwardCapsule = "rnorm.fused_step.forward";
 const char* kBackwardCapsule = "rnorm.fused_step.backward";
 
-struct Plan {  // what a capsule holds: the element size, the number of steps and the typed plan
+struct Plan {  // what a capsule holds: the element size, the number of steps, the typed plan and its buffers
   int itemsize;
   long num_steps;
   void* typed;
+  Capsules buffers;
 };
 
 template <typename P>
-void destroy(PyObject* capsule, const char* name) {
-  Plan* plan = static_cast<Plan*>(PyCapsule_GetPointer(capsule, name));
-  if (!plan) return;
+void destroy_typed(Plan* plan) {
   delete static_cast<P*>(plan->typed);
   delete plan;
 }
 
 void destroy_forward(PyObject* capsule) {
   Plan* plan = static_cast<Plan*>(PyCapsule_GetPointer(capsule, kForwardCapsule));
-  if (plan && plan->itemsize == 4) destroy<ForwardPlan<float>>(capsule, kForwardCapsule);
-  else if (plan) destroy<ForwardPlan<double>>(capsule, kForwardCapsule);
+  if (plan && plan->itemsize == 4) destroy_typed<ForwardPlan<float>>(plan);
+  else if (plan) destroy_typed<ForwardPlan<double>>(plan);
 }
 
 void destroy_backward(PyObject* capsule) {
   Plan* plan = static_cast<Plan*>(PyCapsule_GetPointer(capsule, kBackwardCapsule));
-  if (plan && plan->itemsize == 4) destroy<BackwardPlan<float>>(capsule, kBackwardCapsule);
-  else if (plan) destroy<BackwardPlan<double>>(capsule, kBackwardCapsule);
+  if (plan && plan->itemsize == 4) destroy_typed<BackwardPlan<float>>(plan);
+  else if (plan) destroy_typed<BackwardPlan<double>>(plan);
 }
 
+struct Config {  // the sizes and kinds every buffer is checked against
+  long steps = 0, batch = 0, hidden = 0;
+  int save = 0, given = 0;
+  int kinds[3] = {0, 0, 0};
+  double eps[3] = {0, 0, 0};
+};
+
 template <typename T>
-void* read_forward(Reader& r) {
+void* bind_forward(Binder& r, const Config& c) {
   std::unique_ptr<ForwardPlan<T>> owner(new ForwardPlan<T>());
   ForwardPlan<T>* p = owner.get();
-  p->batch = r.integer("batch");
-  p->hidden = r.integer("hidden");
-  p->save = r.integer("save") != 0;
-  p->base = static_cast<int>(r.integer("base"));
-  p->z = r.pointer<T>("z");
-  p->given = r.pointer<const T>("given");
-  p->shift = r.pointer<const T>("shift");
-  p->shift_step = r.integer("shift_step");
-  read_site(r, "input", p->input);
-  read_site(r, "recurrent", p->recurrent);
-  read_site(r, "cell", p->cell);
-  p->cell_shift = r.pointer<const T>("cell_shift");
-  p->cell_shift_step = r.integer("cell_shift_step");
-  p->act = r.pointer<T>("act");
-  p->tanh_cell = r.pointer<T>("tanh_cell");
-  p->cell_new = r.pointer<T>("cell_new");
-  p->states_h = r.pointer<T>("states_h");
-  p->states_c = r.pointer<T>("states_c");
-  p->output = r.pointer<T>("output");
-  p->probe = r.pointer<const T>("probe");
-  p->hidden_scale = r.pointer<const T>("hidden_scale");
-  p->hidden_scale_step = r.integer("hidden_scale_step");
-  p->mask = r.pointer<const T>("mask");
-  p->weights = r.pointer<const T>("weights");
-  p->weights_step = r.integer("weights_step");
-  for (const void* needed : {static_cast<const void*>(p->act), static_cast<const void*>(p->tanh_cell),
-                             static_cast<const void*>(p->states_h), static_cast<const void*>(p->states_c),
-                             static_cast<const void*>(p->weights)})
-    r.require(needed, "a state, activation or weights buffer");
-  if (p->base == kBaseBuffer) r.require(p->z, "z");
-  if (p->base == kBaseGiven) r.require(p->given, "given");
-  if (p->batch <= 0 || p->hidden <= 0) r.require(nullptr, "a positive batch and hidden size");
-  if (!r.failed) {
-    p->hidden_row = spread(p->hidden_scale, p->hidden_scale_step, p->hidden);
-    p->zrow.resize(4 * p->hidden);
-    p->chat.resize(p->batch * p->hidden);
-  }
+  const long steps = c.steps, B = c.batch, H = c.hidden, G = 4 * H;
+  const long saved = c.save ? steps : 1, states = c.save ? steps + 1 : 2;
+  p->batch = B;
+  p->hidden = H;
+  p->save = c.save != 0;
+  // What z starts from: the identity sites' GEMMs land in z, else the given input terms, else 0.
+  const bool identity_term = (!c.given && c.kinds[0] == kNone) || c.kinds[1] == kNone;
+  p->base = identity_term ? kBaseBuffer : (c.given ? kBaseGiven : kBaseZero);
+  long rows = 1;
+  p->z = r.get<T>("z", {B, G}, p->base == kBaseBuffer);
+  p->given = r.get<const T>("given", {steps, B, G}, c.given != 0);
+  p->shift = r.get<const T>("shift", {Dim(1, steps), G}, false, &rows);
+  p->shift_step = rows > 1 ? G : 0;
+  bind_site(r, "input", p->input, c.given ? static_cast<int>(kNone) : c.kinds[0], c.eps[0], saved, steps, B, G, false);
+  bind_site(r, "recurrent", p->recurrent, c.kinds[1], c.eps[1], saved, steps, B, G, false);
+  bind_site(r, "cell", p->cell, c.kinds[2], c.eps[2], saved, steps, B, H, true);
+  p->cell_shift = r.get<const T>("cell_shift", {Dim(1, steps), H}, false, &rows);
+  p->cell_shift_step = rows > 1 ? H : 0;
+  p->act = r.get<T>("act", {saved, B, G}, true);
+  p->tanh_cell = r.get<T>("tanh_cell", {saved, B, H}, true);
+  p->cell_new = r.get<T>("cell_new", {saved, B, H}, false);
+  p->states_h = r.get<T>("states_h", {states, B, H}, true);
+  p->states_c = r.get<T>("states_c", {states, B, H}, true);
+  p->output = r.get<T>("output", {steps, B, H}, !c.save);  // without saving, the states are two rows
+  p->hidden_scale = r.get<const T>("hidden_scale", {Dim(1, H)}, false, &rows);
+  p->hidden_scale_step = rows > 1 ? 1 : 0;
+  p->mask = r.get<const T>("mask", {steps, B}, false);
+  p->weights = r.get<const T>("weights", {Dim(1, steps), B}, true, &rows);
+  p->weights_step = rows > 1 ? B : 0;
+  if (r.failed) return nullptr;
+  p->hidden_row = spread(p->hidden_scale, p->hidden_scale_step, H);
+  p->zrow.resize(G);
+  p->chat.resize(B * H);
   return owner.release();
 }
 
 template <typename T>
-void* read_backward(Reader& r) {
+void* bind_backward(Binder& r, const Config& c) {
   std::unique_ptr<BackwardPlan<T>> owner(new BackwardPlan<T>());
   BackwardPlan<T>* p = owner.get();
-  p->batch = r.integer("batch");
-  p->hidden = r.integer("hidden");
-  p->grad_output = r.pointer<const T>("grad_output");
-  p->dh = r.pointer<T>("dh");
-  p->dc = r.pointer<T>("dc");
-  p->mask = r.pointer<const T>("mask");
-  p->weights = r.pointer<const T>("weights");
-  p->weights_step = r.integer("weights_step");
-  p->act = r.pointer<const T>("act");
-  p->tanh_cell = r.pointer<const T>("tanh_cell");
-  p->states_c = r.pointer<const T>("states_c");
-  p->chat_factor = static_cast<T>(r.real("chat_factor"));
-  p->scale_chat = r.integer("scale_chat") != 0;
-  p->hidden_scale = r.pointer<const T>("hidden_scale");
-  p->hidden_scale_step = r.integer("hidden_scale_step");
-  p->grad_chat = r.pointer<T>("grad_chat");
-  p->grad_probe = r.pointer<T>("grad_probe");
-  p->grad_z = r.pointer<T>("grad_z");
-  read_back_site(r, "input", p->input);
-  read_back_site(r, "recurrent", p->recurrent);
-  read_back_site(r, "cell", p->cell);
-  for (const void* needed : {static_cast<const void*>(p->grad_output), static_cast<const void*>(p->dh),
-                             static_cast<const void*>(p->dc), static_cast<const void*>(p->act),
-                             static_cast<const void*>(p->tanh_cell), static_cast<const void*>(p->states_c),
-                             static_cast<const void*>(p->grad_z), static_cast<const void*>(p->weights)})
-    r.require(needed, "a gradient, state, activation or weights buffer");
-  if (p->batch <= 0 || p->hidden <= 0) r.require(nullptr, "a positive batch and hidden size");
-  if (!r.failed) {
-    p->hidden_row = spread(p->hidden_scale, p->hidden_scale_step, p->hidden);
-    const size_t n = static_cast<size_t>(p->batch * p->hidden);
-    p->dh_new.resize(n);
-    p->d_chat.resize(n);
-    p->d_cell.resize(n);
-    p->coef.resize(4 * p->hidden);
-  }
+  const long steps = c.steps, B = c.batch, H = c.hidden, G = 4 * H;
+  p->batch = B;
+  p->hidden = H;
+  long rows = 1;
+  p->grad_output = r.get<const T>("grad_output", {steps, B, H}, true);
+  p->dh = r.get<T>("dh", {B, H}, true);
+  p->dc = r.get<T>("dc", {B, H}, true);
+  p->mask = r.get<const T>("mask", {steps, B}, false);
+  p->weights = r.get<const T>("weights", {Dim(1, steps), B}, true, &rows);
+  p->weights_step = rows > 1 ? B : 0;
+  p->act = r.get<const T>("act", {steps, B, G}, true);
+  p->tanh_cell = r.get<const T>("tanh_cell", {steps, B, H}, true);
+  p->states_c = r.get<const T>("states_c", {steps + 1, B, H}, true);
+  p->hidden_scale = r.get<const T>("hidden_scale", {Dim(1, H)}, false, &rows);
+  p->hidden_scale_step = rows > 1 ? 1 : 0;
+  p->grad_chat = r.get<T>("grad_chat", {steps, B, H}, false);
+  p->grad_z = r.get<T>("grad_z", {steps, B, G}, true);
+  bind_back_site(r, "input", p->input, c.kinds[0], steps, B, G, false);
+  bind_back_site(r, "recurrent", p->recurrent, c.kinds[1], steps, B, G, false);
+  bind_back_site(r, "cell", p->cell, c.kinds[2], steps, B, H, true);
+  if (r.failed) return nullptr;
+  // On d loss / d(2 c-hat): 1/2 for a cell site, which works on 2 c-hat; Norm-Prop's scale on h.
+  p->chat_factor = c.kinds[2] == kNone ? T(1) : T(0.5);
+  p->scale_chat = p->hidden_scale != nullptr || c.kinds[2] != kNone;
+  p->hidden_row = spread(p->hidden_scale, p->hidden_scale_step, H);
+  const size_t n = static_cast<size_t>(B * H);
+  p->dh_new.resize(n);
+  p->d_chat.resize(n);
+  p->d_cell.resize(n);
+  p->coef.resize(G);
   return owner.release();
 }
 
-PyObject* make_plan(PyObject* dict, const char* name, PyCapsule_Destructor destructor, void* (*read4)(Reader&),
-                    void* (*read8)(Reader&)) {
-  if (!PyDict_Check(dict)) {
-    PyErr_SetString(PyExc_TypeError, "fused step plan: expected a dict");
-    return nullptr;
+bool check_config(const Config& c, const char* plan) {
+  if (c.steps < 1 || c.batch < 1 || c.hidden < 1) {
+    PyErr_Format(PyExc_ValueError, "%s plan: steps, batch and hidden must be positive, got %ld, %ld, %ld", plan, c.steps,
+                 c.batch, c.hidden);
+    return false;
   }
-  Reader r{dict};
-  const long itemsize = r.integer("itemsize");
-  if (r.failed) return nullptr;
-  if (itemsize != 4 && itemsize != 8) {
-    PyErr_Format(PyExc_ValueError, "fused step plan: itemsize must be 4 (float32) or 8 (float64), got %ld", itemsize);
-    return nullptr;
+  for (int kind : c.kinds) {
+    if (kind < kNone || kind > kRms) {
+      PyErr_Format(PyExc_ValueError, "%s plan: unknown kind %d (known: 0 to %d)", plan, kind, static_cast<int>(kRms));
+      return false;
+    }
   }
-  const long num_steps = r.integer("num_steps");
-  if (r.failed) return nullptr;
-  Plan* plan = new (std::nothrow) Plan{static_cast<int>(itemsize), num_steps, nullptr};
+  return true;
+}
+
+PyObject* make_plan(PyObject* buffers, const Config& config, const char* plan_name, const char* capsule_name,
+                    const char* const* names, size_t count, PyCapsule_Destructor destructor,
+                    void* (*bind4)(Binder&, const Config&), void* (*bind8)(Binder&, const Config&)) {
+  if (!check_config(config, plan_name)) return nullptr;
+  Plan* plan = new (std::nothrow) Plan{0, config.steps, nullptr, {}};
   if (!plan) return PyErr_NoMemory();
-  PyObject* capsule = PyCapsule_New(plan, name, destructor);  // owns the plan from here on
+  Binder binder(buffers, plan_name, names, count, &plan->buffers);
+  if (!binder.probe_itemsize("act")) {
+    delete plan;
+    return nullptr;
+  }
+  plan->itemsize = binder.itemsize;
+  PyObject* capsule = PyCapsule_New(plan, capsule_name, destructor);  // owns the plan from here on
   if (!capsule) {
     delete plan;
     return nullptr;
   }
   try {
-    plan->typed = itemsize == 4 ? read4(r) : read8(r);
+    plan->typed = binder.itemsize == 4 ? bind4(binder, config) : bind8(binder, config);
   } catch (const std::bad_alloc&) {
     Py_DECREF(capsule);
     return PyErr_NoMemory();
   }
-  if (r.failed) {
+  if (binder.failed || !plan->typed) {  // the error is set; the capsule releases what was bound
     Py_DECREF(capsule);
     return nullptr;
   }
   return capsule;
 }
 
-PyObject* forward_plan(PyObject*, PyObject* dict) {
-  return make_plan(dict, kForwardCapsule, destroy_forward, read_forward<float>, read_forward<double>);
+// forward_plan(buffers, steps, batch, hidden, save, given, (kinds), (eps)) -> capsule
+PyObject* forward_plan(PyObject*, PyObject* args) {
+  PyObject* buffers;
+  Config c;
+  if (!PyArg_ParseTuple(args, "Olllpp(iii)(ddd):forward_plan", &buffers, &c.steps, &c.batch, &c.hidden, &c.save, &c.given,
+                        &c.kinds[0], &c.kinds[1], &c.kinds[2], &c.eps[0], &c.eps[1], &c.eps[2]))
+    return nullptr;
+  return make_plan(buffers, c, "forward", kForwardCapsule, kForwardBuffers, std::size(kForwardBuffers), destroy_forward,
+                   bind_forward<float>, bind_forward<double>);
 }
 
-PyObject* backward_plan(PyObject*, PyObject* dict) {
-  return make_plan(dict, kBackwardCapsule, destroy_backward, read_backward<float>, read_backward<double>);
+// backward_plan(buffers, steps, batch, hidden, (kinds)) -> capsule
+PyObject* backward_plan(PyObject*, PyObject* args) {
+  PyObject* buffers;
+  Config c;
+  if (!PyArg_ParseTuple(args, "Olll(iii):backward_plan", &buffers, &c.steps, &c.batch, &c.hidden, &c.kinds[0], &c.kinds[1],
+                        &c.kinds[2]))
+    return nullptr;
+  c.save = 1;
+  return make_plan(buffers, c, "backward", kBackwardCapsule, kBackwardBuffers, std::size(kBackwardBuffers),
+                   destroy_backward, bind_backward<float>, bind_backward<double>);
 }
 
-// step(plan, t), 0 <= t < T; the caller keeps the plan's tensors alive.
+// step(plan, t), 0 <= t < T: the plan holds its buffers, checked when it was made.
 bool check_step(const Plan* plan, long t) {
   if (t >= 0 && t < plan->num_steps) return true;
   if (!PyErr_Occurred()) PyErr_Format(PyExc_IndexError, "step %ld out of range for a plan of %ld steps", t, plan->num_steps);
@@ -916,7 +1097,7 @@ PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (!plan) return nullptr;
   const long t = PyLong_AsLong(args[1]);
   if (!check_step(plan, t)) return nullptr;
-  Py_BEGIN_ALLOW_THREADS;  // plain arithmetic on the plan's buffers: other Python threads may run
+  Py_BEGIN_ALLOW_THREADS;  // plain arithmetic on the plan's own (checked, kept alive) buffers
   if (plan->itemsize == 4) forward_f32(*static_cast<ForwardPlan<float>*>(plan->typed), t);
   else forward_f64(*static_cast<ForwardPlan<double>*>(plan->typed), t);
   Py_END_ALLOW_THREADS;
@@ -940,17 +1121,36 @@ PyObject* backward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 PyMethodDef methods[] = {
-    {"forward_plan", forward_plan, METH_O, "A forward plan from a dict of pointers, sizes and kinds (see rnorm/nn/fused.py)."},
-    {"backward_plan", backward_plan, METH_O, "A backward plan from a dict of pointers, sizes and kinds."},
+    {"forward_plan", forward_plan, METH_VARARGS,
+     "forward_plan(buffers, steps, batch, hidden, save, given, kinds, eps): a forward plan; every buffer checked."},
+    {"backward_plan", backward_plan, METH_VARARGS,
+     "backward_plan(buffers, steps, batch, hidden, kinds): a backward plan; every buffer checked."},
     {"forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(forward)), METH_FASTCALL,
-     "forward(plan, t): step t of the forward loop."},
+     "forward(plan, t): step t of the forward loop, after its GEMMs."},
     {"backward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(backward)), METH_FASTCALL,
      "backward(plan, t): step t of the backward loop, before the recurrent GEMM."},
+    {"flush_denormals", flush_denormals, METH_O,
+     "flush_denormals(on) -> previous mode: flush denormals to zero in this thread (or stop)."},
+    {"restore_denormals", restore_denormals, METH_O, "restore_denormals(mode): the mode flush_denormals returned."},
     {nullptr, nullptr, 0, nullptr},
 };
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused_step", "Per-step CPU kernels of rnorm's fused LSTM recurrence.", -1, methods,
                       nullptr, nullptr, nullptr, nullptr};
+
+PyObject* names_tuple(const char* const* names, size_t count) {
+  PyObject* tuple = PyTuple_New(static_cast<Py_ssize_t>(count));
+  if (!tuple) return nullptr;
+  for (size_t i = 0; i < count; ++i) {
+    PyObject* name = PyUnicode_FromString(names[i]);
+    if (!name) {
+      Py_DECREF(tuple);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(tuple, static_cast<Py_ssize_t>(i), name);
+  }
+  return tuple;
+}
 
 }  // namespace
 
@@ -960,7 +1160,19 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused_step", "Per-step CPU kernel
 
 PyMODINIT_FUNC PyInit__fused_step(void) {
   PyObject* m = PyModule_Create(&module);
-  if (m && PyModule_AddStringConstant(m, "SOURCE_SHA", RNORM_SOURCE_SHA) < 0) {
+  if (!m) return nullptr;
+  PyObject* forward_names = names_tuple(kForwardBuffers, std::size(kForwardBuffers));
+  PyObject* backward_names = names_tuple(kBackwardBuffers, std::size(kBackwardBuffers));
+  PyObject* kinds = Py_BuildValue("{s:i,s:i,s:i,s:i,s:i}", "identity", static_cast<int>(kNone), "affine",
+                                  static_cast<int>(kAffine), "batch", static_cast<int>(kBatch), "layer",
+                                  static_cast<int>(kLayer), "rms", static_cast<int>(kRms));
+  if (!forward_names || !backward_names || !kinds || PyModule_AddObject(m, "FORWARD_BUFFERS", forward_names) < 0 ||
+      PyModule_AddObject(m, "BACKWARD_BUFFERS", backward_names) < 0 || PyModule_AddObject(m, "KINDS", kinds) < 0 ||
+      PyModule_AddStringConstant(m, "SOURCE_SHA", RNORM_SOURCE_SHA) < 0 ||
+      PyModule_AddIntConstant(m, "CAN_FLUSH_DENORMALS", kCanFlush ? 1 : 0) < 0) {
+    Py_XDECREF(forward_names);
+    Py_XDECREF(backward_names);
+    Py_XDECREF(kinds);
     Py_DECREF(m);
     return nullptr;
   }

@@ -1,0 +1,76 @@
+"""The fused LSTM recurrence: one direction of one layer, as one PyTorch op with per-device implementations.
+
+This package sits below :mod:`rnorm.nn` and never imports it: :mod:`rnorm.nn` describes a layer
+direction with a :class:`LayerSpec` (its effective weights and each site's :class:`SiteSpec`, a step
+kind of :data:`STEP_KINDS` with its tensors) and calls :func:`lstm_layer`.
+
+>>> import torch
+>>> from rnorm import kernels
+>>> H, D = 3, 2
+>>> spec = kernels.LayerSpec(
+...     recurrent_weight=torch.randn(4 * H, H),
+...     recurrent=kernels.SiteSpec("batch", scale=torch.full((4 * H,), 0.1), eps=1e-5),
+...     cell=kernels.SiteSpec("identity"),
+...     input_weight=torch.randn(4 * H, D),
+...     input=kernels.SiteSpec("identity"),
+... )
+>>> result = kernels.lstm_layer(spec, torch.randn(5, 4, D), torch.zeros(4, H), torch.zeros(4, H))
+>>> tuple(result.output.shape), tuple(result.statistics["recurrent"].mean.shape)
+((5, 4, 3), (5, 12))
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from rnorm.kernels import native
+from rnorm.kernels.kinds import STEP_KINDS, StepKind, get_kind
+from rnorm.kernels.op import BACKENDS, lstm_recurrence, resolve_backend
+from rnorm.kernels.prepare import prepare
+from rnorm.kernels.schema import present
+from rnorm.kernels.spec import LayerResult, LayerSpec, SiteSpec, SiteStatistics
+
+__all__ = [
+    "BACKENDS",
+    "STEP_KINDS",
+    "LayerResult",
+    "LayerSpec",
+    "SiteSpec",
+    "SiteStatistics",
+    "StepKind",
+    "get_kind",
+    "lstm_layer",
+    "native",
+    "resolve_backend",
+]
+
+
+def lstm_layer(
+    spec: LayerSpec, x: Tensor, h0: Tensor, c0: Tensor, mask: Tensor | None = None, *, backend: str = "auto"
+) -> LayerResult:
+    """Run one direction of one layer over all steps (BN eq. 6–8, NP eq. 15–17).
+
+    Args:
+        spec: the layer direction.
+        x: ``(T, B, D)``; ``(T, B, 4H)`` input terms when ``spec.input`` is ``None``.
+        h0, c0: ``(B, H)`` each.
+        mask: ``(T, B)`` boolean, ``True`` on real steps (padding at the end of each sequence), or
+            ``None``. Padded steps leave the state unchanged and output 0.
+        backend: one of :data:`BACKENDS`.
+
+    Returns:
+        ``output`` ``(T, B, H)``, ``h_n``, ``c_n`` ``(B, H)`` at each sequence's last real step, and the
+        training statistics of each ``batch`` or ``sequence`` site (for population statistics).
+
+    Raises:
+        ValueError: a description or tensor that does not fit (what was expected, what was given).
+    """
+    spec.check(x, h0, c0, mask)
+    args, statistics = prepare(spec, x, h0, c0, mask, backend)
+    outputs = lstm_recurrence(args)
+    for site in ("input", "recurrent", "cell"):
+        mean = getattr(outputs.statistics, f"{site}_mean")
+        if present(mean):
+            var = getattr(outputs.statistics, f"{site}_var")
+            statistics[site] = SiteStatistics(mean.squeeze(1), var.squeeze(1), args.counts)
+    return LayerResult(outputs.output, outputs.h_n, outputs.c_n, statistics)

@@ -1,0 +1,137 @@
+"""Allocation of the forward's results, shared by every implementation and by the fake one.
+
+Tracing (``torch.compile``, ``torch.export``) runs the fake implementation to learn the shapes,
+strides and storage offsets of the op's results; running the same allocation there and in the
+real implementations makes them agree by construction (``torch.library.opcheck`` checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from rnorm.kernels.kinds import get_kind
+from rnorm.kernels.schema import RecurrenceArgs, RecurrenceOutputs, Saved, Statistics, absent
+
+__all__ = ["Dims", "SiteBuffers", "allocate_outputs", "site_buffers"]
+
+SITES = ("input", "recurrent", "cell")
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes of one call: ``T`` steps, ``B`` samples, ``H`` hidden units, ``S`` saved steps."""
+
+    steps: int
+    batch: int
+    hidden: int
+    saved_steps: int
+
+    @property
+    def gates(self) -> int:
+        return 4 * self.hidden
+
+    @classmethod
+    def of(cls, args: RecurrenceArgs) -> Dims:
+        steps, batch = args.source.shape[0], args.source.shape[1]
+        return cls(steps, batch, args.recurrent_weight.shape[1], steps if args.save else 1)
+
+    def features(self, site: str) -> int:
+        """``F`` of a site: ``4H`` for the input and recurrent terms, ``H`` for the cell."""
+        return self.hidden if site == "cell" else self.gates
+
+
+def kinds_of(args: RecurrenceArgs) -> dict[str, str]:
+    """Each site's kind, ``"given"`` input included."""
+    return {"input": args.input_kind, "recurrent": args.recurrent_kind, "cell": args.cell_kind}
+
+
+def allocate_outputs(args: RecurrenceArgs) -> tuple[RecurrenceOutputs, Tensor | None]:
+    """Uninitialized results of ``rnorm::lstm_recurrence`` for ``args`` (see :class:`~rnorm.kernels.schema.Saved`),
+    and, when it saves, the ``(T + 1, B, H)`` buffer of the states ``h_0 … h_T`` the loop writes.
+
+    That buffer is ``saved.states_h`` with padding (the carried states differ from the outputs, which
+    are 0 at padded steps). Without padding each ``h_t`` is written once: ``output`` is then rows
+    ``1..T`` of that buffer, whose row 0 holds ``h0``, and ``saved.states_h`` is absent.
+    """
+    dims = Dims.of(args)
+    new = args.source.new_empty
+    steps, batch, hidden, saved = dims.steps, dims.batch, dims.hidden, dims.saved_steps
+    masked = args.mask is not None
+
+    def none() -> Tensor:  # a new one each time: an op's results must not alias each other
+        return absent(args.source)
+
+    statistics: dict[str, Tensor] = {}
+    for site, kind in kinds_of(args).items():
+        batch_kind = kind != "given" and get_kind(kind).statistics == "batch"
+        features = dims.features(site)
+        statistics[f"{site}_mean"] = new(steps, 1, features) if batch_kind else none()
+        statistics[f"{site}_var"] = new(steps, 1, features) if batch_kind else none()
+    if not args.save:
+        saved_none = Saved(**{name: none() for name in Saved.__dataclass_fields__})
+        outputs = RecurrenceOutputs(new(steps, batch, hidden), new(batch, hidden), new(batch, hidden), Statistics(**statistics), saved_none)
+        return outputs, None
+    states_h = new(steps + 1, batch, hidden)
+    output = new(steps, batch, hidden) if masked else states_h[1:]
+    buffers = {
+        "states_h": states_h if masked else none(),
+        "states_c": new(steps + 1, batch, hidden),
+        "act": new(saved, batch, dims.gates),
+        "tanh_cell": new(saved, batch, hidden),
+        "cell_new": new(saved, batch, hidden) if masked else none(),
+    }
+    for site, kind in kinds_of(args).items():
+        site_buffers_ = _site_allocation(kind, dims, site, new, none)
+        buffers.update({f"{site}_{name}": tensor for name, tensor in site_buffers_.items()})
+    del buffers["cell_raw"]  # the cell's affine scale reads c_t itself
+    outputs = RecurrenceOutputs(output, new(batch, hidden), new(batch, hidden), Statistics(**statistics), Saved(**buffers))
+    return outputs, states_h
+
+
+def _site_allocation(kind: str, dims: Dims, site: str, new, none) -> dict[str, Tensor]:  # noqa: ANN001
+    """``raw``, ``norm``, ``rstd`` of one site for ``dims.saved_steps`` steps (``none()`` where the kind has none)."""
+    features, batch, steps = dims.features(site), dims.batch, dims.saved_steps
+    step_kind = None if kind == "given" else get_kind(kind)
+    raw, norm, rstd = none(), none(), none()
+    if step_kind is not None and step_kind.name == "affine":
+        raw = new(steps, batch, features)
+    elif step_kind is not None and step_kind.normalizing:
+        norm = new(steps, batch, features)
+        rstd = new(steps, batch, 1) if step_kind.per_row else new(steps, 1, features)
+    return {"raw": raw, "norm": norm, "rstd": rstd}
+
+
+@dataclass
+class SiteBuffers:
+    """One site as an implementation's loop sees it: its kind, ε, scale, and where step ``s``'s
+    raw term (affine), normalized term and ``1/std`` (normalizing) and step ``t``'s batch mean and
+    variance (batch) go."""
+
+    kind: str
+    eps: float
+    scale: Tensor | None
+    raw: Tensor
+    norm: Tensor
+    rstd: Tensor
+    mean: Tensor
+    var: Tensor
+
+
+def site_buffers(args: RecurrenceArgs, outputs: RecurrenceOutputs, site: str, *, scratch: bool = False) -> SiteBuffers:
+    """The buffers of ``site``: the saved ones of ``outputs``, or, for a forward that does not save
+    (``scratch``), one-step buffers of the same layout."""
+    kind = kinds_of(args)[site]
+    eps = args.eps[SITES.index(site)]
+    scale = getattr(args, f"{site}_scale")
+    stats = outputs.statistics
+    mean, var = getattr(stats, f"{site}_mean"), getattr(stats, f"{site}_var")
+    if scratch:
+        parts = _site_allocation(kind, Dims.of(args), site, args.source.new_empty, lambda: absent(args.source))
+        if site == "cell" and kind == "affine":
+            parts["raw"] = absent(args.source)
+        return SiteBuffers(kind, eps, scale, parts["raw"], parts["norm"], parts["rstd"], mean, var)
+    saved = outputs.saved
+    raw = absent(args.source) if site == "cell" else getattr(saved, f"{site}_raw")
+    return SiteBuffers(kind, eps, scale, raw, getattr(saved, f"{site}_norm"), getattr(saved, f"{site}_rstd"), mean, var)

@@ -1,0 +1,251 @@
+"""The fused recurrence as PyTorch ops: ``rnorm::lstm_recurrence`` and its backward.
+
+One op, seen by ``torch.compile`` and ``torch.export`` as one node (a fake implementation gives
+them its results' shapes), with a registered autograd formula, and one implementation per device:
+
+========  =====================================================================================
+device    implementation
+========  =====================================================================================
+CPU       the compiled kernels (:mod:`rnorm.kernels.native`) for float32/float64 without
+          synchronized statistics, else the torch-ops loop (:mod:`rnorm.kernels.torch_loop`)
+CUDA      the torch-ops loop (the slot where a GPU implementation registers)
+other     the torch-ops loop
+========  =====================================================================================
+
+The ``backend`` argument narrows the choice (:data:`BACKENDS`). The backward has two forms with the
+same results: ``rnorm::lstm_recurrence_backward``, and ``rnorm::lstm_recurrence_backward_``, which
+may overwrite the saved buffers it has read (the compiled kernels do: first-touching fresh
+``(T, B, 4H)`` buffers costs about as much as the arithmetic on CPU). The autograd formula uses
+the in-place form in eager mode where the compiled kernels run, and then refuses a second backward
+through the same graph; under tracing, and elsewhere, the functional one.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from rnorm.kernels import native, torch_loop
+from rnorm.kernels.buffers import allocate_outputs
+from rnorm.kernels.schema import (
+    BackwardArgs,
+    Gradients,
+    RecurrenceArgs,
+    RecurrenceOutputs,
+    Saved,
+    absent,
+    from_flat,
+    op_schema,
+    present,
+    to_flat,
+)
+
+__all__ = ["BACKENDS", "lstm_recurrence", "resolve_backend"]
+
+#: What ``backend`` may ask for: ``auto`` (the best implementation for the device), ``native`` (the
+#: compiled CPU kernels; an error where they cannot run) or ``torch`` (the torch-ops loop anywhere).
+BACKENDS = ("auto", "native", "torch")
+
+FORWARD = "rnorm::lstm_recurrence"
+BACKWARD = "rnorm::lstm_recurrence_backward"
+BACKWARD_INPLACE = "rnorm::lstm_recurrence_backward_"
+
+torch.library.define(FORWARD, op_schema(RecurrenceArgs, RecurrenceOutputs))
+torch.library.define(BACKWARD, op_schema(BackwardArgs, Gradients))
+torch.library.define(BACKWARD_INPLACE, op_schema(BackwardArgs, Gradients, mutating=True))
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, synchronized: bool) -> str:
+    """The implementation that runs: ``"native"`` or ``"torch"``.
+
+    Raises:
+        ValueError: an unknown ``backend``.
+        RuntimeError: ``backend="native"`` where the compiled kernels cannot run (says why).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown fused recurrence backend {backend!r}. Available: {', '.join(BACKENDS)}.")
+    if backend == "torch":
+        return "torch"
+    reason = None
+    if device.type != "cpu" or dtype not in (torch.float32, torch.float64):
+        reason = "they need float32 or float64 tensors on the CPU"
+    elif synchronized:
+        reason = "batch statistics synchronized across processes run with torch operations"
+    elif not native.available():
+        reason = "they are not built (no C++ compiler at install time?)"
+        if backend == "auto":
+            warnings.warn(native.MISSING_MESSAGE, RuntimeWarning, stacklevel=4)
+    if reason is None:
+        return "native"
+    if backend == "native":
+        raise RuntimeError(f"backend='native': the compiled CPU kernels cannot run: {reason}. Use backend 'auto' or 'torch'.")
+    return "torch"
+
+
+def lstm_recurrence(args: RecurrenceArgs) -> RecurrenceOutputs:
+    """Run ``rnorm::lstm_recurrence`` on ``args`` (with autograd where they need it)."""
+    return from_flat(RecurrenceOutputs, torch.ops.rnorm.lstm_recurrence(*to_flat(args)))
+
+
+# -- implementations ------------------------------------------------------------------------------
+
+
+def _forward(args: RecurrenceArgs, device_backend: str) -> RecurrenceOutputs:
+    if device_backend == "native":
+        return native.forward(args)
+    return torch_loop.forward(args)
+
+
+def _forward_cpu(*flat: object) -> tuple[Tensor, ...]:
+    args = from_flat(RecurrenceArgs, flat)
+    chosen = resolve_backend(args.backend, args.source.device, args.source.dtype, args.synchronized)
+    with torch.no_grad(), native.denormals_flushed():
+        return tuple(to_flat(_forward(args, chosen)))
+
+
+def _forward_any(*flat: object) -> tuple[Tensor, ...]:
+    args = from_flat(RecurrenceArgs, flat)
+    resolve_backend(args.backend, args.source.device, args.source.dtype, args.synchronized)  # checks the name
+    with torch.no_grad():
+        return tuple(to_flat(torch_loop.forward(args)))
+
+
+def _forward_fake(*flat: object) -> tuple[Tensor, ...]:
+    outputs, _ = allocate_outputs(from_flat(RecurrenceArgs, flat))
+    return tuple(to_flat(outputs))
+
+
+torch.library.impl(FORWARD, "CompositeExplicitAutograd", _forward_any)
+torch.library.impl(FORWARD, "cpu", _forward_cpu)
+torch.library.register_fake(FORWARD, _forward_fake)
+
+
+def _backward_impl(reuse: bool):  # noqa: ANN202
+    def cpu(*flat: object) -> tuple[Tensor, ...]:
+        args = from_flat(BackwardArgs, flat)
+        chosen = resolve_backend(args.backend, args.source.device, args.source.dtype, args.synchronized)
+        with torch.no_grad(), native.denormals_flushed():
+            grads = native.backward(args, reuse=reuse) if chosen == "native" else torch_loop.backward(args)
+        return tuple(to_flat(grads))
+
+    return cpu
+
+
+def _backward_any(*flat: object) -> tuple[Tensor, ...]:
+    with torch.no_grad():
+        return tuple(to_flat(torch_loop.backward(from_flat(BackwardArgs, flat))))
+
+
+def _backward_fake(*flat: object) -> tuple[Tensor, ...]:
+    args = from_flat(BackwardArgs, flat)
+
+    def like(tensor: Tensor | None) -> Tensor:
+        return absent(args.source) if tensor is None else tensor.new_empty(tensor.shape)
+
+    def shaped(shape: list[int]) -> Tensor:
+        return args.source.new_empty(shape) if shape else absent(args.source)
+
+    return tuple(
+        to_flat(
+            Gradients(
+                source=like(args.source),
+                input_weight=like(args.input_weight),
+                recurrent_weight=like(args.recurrent_weight),
+                shift=shaped(args.shift_shape),
+                input_scale=like(args.input_scale),
+                recurrent_scale=like(args.recurrent_scale),
+                cell_scale=like(args.cell_scale),
+                cell_shift=shaped(args.cell_shift_shape),
+                h0=like(args.h0),
+                c0=like(args.h0),
+            )
+        )
+    )
+
+
+for _name, _reuse in ((BACKWARD, False), (BACKWARD_INPLACE, True)):
+    torch.library.impl(_name, "CompositeExplicitAutograd", _backward_any)
+    torch.library.impl(_name, "cpu", _backward_impl(_reuse))
+    torch.library.register_fake(_name, _backward_fake)
+
+
+# -- autograd ---------------------------------------------------------------------------------------
+
+#: The forward's inputs the backward reads, besides the saved buffers and the output.
+_KEPT = ("source", "input_weight", "recurrent_weight", "input_scale", "recurrent_scale", "cell_scale", "h0", "mask", "weights", "counts", "hidden_scale")
+#: The forward's inputs that have gradients, in the order of :class:`Gradients`.
+_DIFFERENTIABLE = ("source", "input_weight", "recurrent_weight", "shift", "input_scale", "recurrent_scale", "cell_scale", "cell_shift", "h0", "c0")
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001
+    args = from_flat(RecurrenceArgs, inputs)
+    outputs = from_flat(RecurrenceOutputs, output)
+    saved = to_flat(outputs.saved)
+    ctx.mark_non_differentiable(*to_flat(outputs.statistics), *saved)
+    ctx.save_for_backward(outputs.output, *saved, *(getattr(args, name) for name in _KEPT))
+    ctx.config = {
+        "shift_shape": [] if args.shift is None else list(args.shift.shape),
+        "cell_shift_shape": [] if args.cell_shift is None else list(args.cell_shift.shape),
+        "input_kind": args.input_kind,
+        "recurrent_kind": args.recurrent_kind,
+        "cell_kind": args.cell_kind,
+        "synchronized": args.synchronized,
+        "backend": args.backend,
+    }
+    ctx.input_fields = [name for name in RecurrenceArgs.__dataclass_fields__]
+    ctx.buffers_consumed = False
+
+
+def _backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+    if ctx.buffers_consumed:
+        raise RuntimeError(
+            "Backward through NormLSTM's fused recurrence a second time (retain_graph=True): its compiled "
+            "CPU backward reuses the saved buffers. Build the model with impl='fused_torch' or "
+            "impl='reference' to backpropagate through one graph more than once."
+        )
+    tensors = ctx.saved_tensors
+    output = tensors[0]
+    saved_flat = tensors[1 : 1 + len(_SAVED_FIELDS)]
+    kept = dict(zip(_KEPT, tensors[1 + len(_SAVED_FIELDS) :]))
+    grad_output, grad_h_n, grad_c_n = grads[0], grads[1], grads[2]
+    h0 = kept["h0"]
+    grad_output = torch.zeros_like(output) if grad_output is None else grad_output.contiguous()
+    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n.contiguous()
+    grad_c_n = torch.zeros_like(h0) if grad_c_n is None else grad_c_n.contiguous()
+    args = BackwardArgs(
+        grad_output=grad_output,
+        grad_h_n=grad_h_n,
+        grad_c_n=grad_c_n,
+        output=output,
+        saved=from_flat(Saved, saved_flat),
+        **kept,
+        **ctx.config,
+    )
+    source = kept["source"]
+    inplace = (
+        not _is_traced(source)
+        and resolve_backend(args.backend, source.device, source.dtype, args.synchronized) == "native"
+    )
+    op = torch.ops.rnorm.lstm_recurrence_backward_ if inplace else torch.ops.rnorm.lstm_recurrence_backward
+    ctx.buffers_consumed = inplace
+    gradients = from_flat(Gradients, op(*to_flat(args)))
+    by_name = {name: getattr(gradients, name) for name in _DIFFERENTIABLE}
+    needs = dict(zip(ctx.input_fields, ctx.needs_input_grad))
+    return tuple(
+        by_name[name] if name in by_name and needs[name] and present(by_name[name]) else None for name in ctx.input_fields
+    )
+
+
+_SAVED_FIELDS = tuple(Saved.__dataclass_fields__)
+
+
+def _is_traced(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a tracing stand-in (``torch.compile``, ``torch.export``) rather than data."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(tensor) or torch.compiler.is_compiling()
+
+
+torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
