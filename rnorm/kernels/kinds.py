@@ -65,13 +65,16 @@ _KINDS = (
     StepKind("sequence", None, statistics="sequence", sites=frozenset({"input"})),
 )
 
-#: Every step kind by name.
-STEP_KINDS: Mapping[str, StepKind] = MappingProxyType({kind.name: kind for kind in _KINDS})
+_BY_NAME = {kind.name: kind for kind in _KINDS}
+
+#: Every step kind by name (read-only).
+STEP_KINDS: Mapping[str, StepKind] = MappingProxyType(_BY_NAME)
 
 
 def get_kind(name: str) -> StepKind:
     """The kind called ``name``; ``ValueError`` listing the known ones otherwise."""
-    try:
-        return STEP_KINDS[name]
-    except KeyError:
-        raise ValueError(f"Unknown fused step kind {name!r}. Known kinds: {', '.join(STEP_KINDS)}.") from None
+    # The plain dict, not the proxy: torch.compile traces this (FusedStep checks its kind) and does
+    # not follow mapping proxies.
+    if name not in _BY_NAME:
+        raise ValueError(f"Unknown fused step kind {name!r}. Known kinds: {', '.join(_BY_NAME)}.")
+    return _BY_NAME[name]

@@ -203,9 +203,9 @@ def _leaves(cls: type) -> Iterator[tuple[str, Any, dataclasses.Field]]:
 def to_flat(value: Any) -> list[Any]:
     """The leaves of dataclass instance ``value`` in schema order (nested dataclasses inlined)."""
     flat: list[Any] = []
-    for f in dataclasses.fields(value):
-        item = getattr(value, f.name)
-        flat.extend(to_flat(item) if dataclasses.is_dataclass(item) else [item])
+    for name, nested in _LAYOUTS[type(value)]:
+        item = getattr(value, name)
+        flat.extend(to_flat(item) if nested is not None else [item])
     return flat
 
 
@@ -222,17 +222,15 @@ _END = object()
 
 
 def _build(cls: type[_T], items: Iterator[Any]) -> _T:
-    hints = typing.get_type_hints(cls)
     values = {}
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if dataclasses.is_dataclass(kind):
-            values[f.name] = _build(kind, items)
+    for name, nested in _LAYOUTS[cls]:
+        if nested is not None:
+            values[name] = _build(nested, items)
         else:
             value = next(items, _END)
             if value is _END:
-                raise ValueError(f"Too few values for {cls.__name__}: {f.name} is missing.")
-            values[f.name] = value
+                raise ValueError(f"Too few values for {cls.__name__}: {name} is missing.")
+            values[name] = value
     return cls(**values)
 
 
@@ -260,3 +258,13 @@ def op_schema(args: type, returns: type, *, mutating: bool = False) -> str:
         parts.append(f"{text} {name}")
     outputs = ", ".join("Tensor" for _ in _leaves(returns))
     return f"({', '.join(parts)}) -> ({outputs})"
+
+
+def _layout(cls: type) -> tuple[tuple[str, type | None], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name] if dataclasses.is_dataclass(hints[f.name]) else None) for f in dataclasses.fields(cls))
+
+
+#: Each schema class's fields and, for nested dataclasses, their class: computed once here, because
+#: ``torch.compile`` traces the flattening and does not follow ``typing.get_type_hints``.
+_LAYOUTS = {cls: _layout(cls) for cls in (RecurrenceArgs, Statistics, Saved, RecurrenceOutputs, BackwardArgs, Gradients)}
