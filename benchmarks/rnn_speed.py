@@ -5,8 +5,16 @@
 For each (norm, shape, mode) both layers are built with the same sizes and dtype (fp32) on the
 device and timed *interleaved* in one process (NormLSTM, then nn.LSTM, every repeat, after
 warmup), so drifts in clock speed or load hit both alike. ``train`` is training mode, forward and
-backward of the sum of the outputs; ``infer`` is eval mode under ``torch.no_grad()``, forward only
-(after one training forward, so that batch statistics have population estimates).
+backward of the loss; ``infer`` is eval mode under ``torch.no_grad()``, forward only (after one
+training forward, so that batch statistics have population estimates).
+
+``--loss sum`` (the default) backpropagates the sum of every output; ``--loss last`` only the last
+step's, as a classifier reading ``h_T`` does (sequential MNIST): gradients then fade over the
+steps, into the denormal range on long sequences. ``--init config`` initializes the weights as
+the sequential-MNIST configs do (their encoder's ``*_init`` and ``forget_bias`` options, read from
+``configs/pmnist/lstm.yaml``), ``nn.LSTM`` included (the same weights); ``--init default`` leaves
+each layer's own initialization; ``--input uniform`` draws inputs in [0, 1] like MNIST pixels
+rather than from a standard normal.
 
 A norm name is applied to every site its strategy supports and ``none`` elsewhere, except
 ``seqbn``, which only normalizes the input site and is benchmarked as BN-e* (``seqbn/bn/bn``),
@@ -29,6 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,6 +55,12 @@ SHAPES = {
 }
 MODES = ("train", "infer")
 SITES = ("input", "recurrent", "cell")
+LOSSES = ("sum", "last")
+INITS = ("default", "config")
+INPUTS = ("normal", "uniform")
+#: The config whose encoder initialization ``--init config`` copies.
+INIT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pmnist" / "lstm.yaml"
+INIT_KEYS = ("input_init", "recurrent_init", "forget_bias")
 CPU_MEMORY_NOTE = "peak_mb is null on CPU: torch's CPU allocator has no per-call peak statistic."
 
 
@@ -69,6 +84,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-scale", type=float, default=1.0, help="multiply every B (min 2)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every T (min 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loss", default="sum", choices=LOSSES, help="what train mode backpropagates (default: sum)")
+    parser.add_argument("--init", default="default", choices=INITS, help="weight initialization (default: each layer's own)")
+    parser.add_argument("--input", default="normal", choices=INPUTS, help="input distribution (default: standard normal)")
     parser.add_argument(
         "--impl", default="fused", choices=sorted(RECURRENCES), help="NormLSTM's recurrence implementation (default: fused)"
     )
@@ -109,18 +127,36 @@ def machine_info(device: torch.device) -> dict[str, object]:
         "threads": torch.get_num_threads(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
-        # whether impl="fused" did its per-step work in the compiled CPU kernels (rnorm.nn._fused_step)
+        # whether impl="fused" did its per-step work in the compiled CPU kernels (rnorm.kernels._fused_step)
         "compiled_kernels": native.available() and device.type == "cpu",
     }
 
 
-def make_call(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
-    """One benchmarked call of ``model`` on ``x`` in ``mode``."""
+def config_init() -> dict[str, object]:
+    """The encoder initialization options of :data:`INIT_CONFIG`."""
+    import yaml  # jsonargparse's dependency
+
+    encoder = yaml.safe_load(INIT_CONFIG.read_text())["model"]["init_args"]["encoder"]["init_args"]
+    return {key: encoder[key] for key in INIT_KEYS if key in encoder}
+
+
+def copy_into_lstm(source: NormLSTM, lstm: nn.LSTM) -> None:
+    """``lstm`` gets ``source``'s raw weights (its bias as ``bias_ih``, ``bias_hh`` zero)."""
+    with torch.no_grad():
+        cell = source.cells[0]
+        lstm.weight_ih_l0.copy_(cell.weight_ih)
+        lstm.weight_hh_l0.copy_(cell.weight_hh)
+        lstm.bias_ih_l0.copy_(cell.bias if cell.bias is not None else torch.zeros_like(lstm.bias_ih_l0))
+        lstm.bias_hh_l0.zero_()
+
+
+def make_call(model: nn.Module, x: torch.Tensor, mode: str, loss: str = "sum") -> Callable[[], None]:
+    """One benchmarked call of ``model`` on ``x`` ``(B, T, D)`` in ``mode``, training on ``loss``."""
     if mode == "train":
 
         def call() -> None:
             output, _ = model(x)
-            output.sum().backward()
+            (output.sum() if loss == "sum" else output[:, -1].sum()).backward()
             model.zero_grad(set_to_none=True)
 
     else:
@@ -153,9 +189,12 @@ def bench_one(name: str, shape: str, mode: str, args: argparse.Namespace, device
     B = max(2, round(B * args.batch_scale))  # batch statistics need 2 samples
     sites = sites_of(name)
     torch.manual_seed(args.seed)
-    ours = NormLSTM(D, H, batch_first=True, impl=args.impl, **sites).to(device, torch.float32)
+    init = config_init() if args.init == "config" else {}
+    ours = NormLSTM(D, H, batch_first=True, impl=args.impl, **sites, **init).to(device, torch.float32)
     theirs = nn.LSTM(D, H, batch_first=True).to(device, torch.float32)
-    x = torch.randn(B, T, D, device=device)
+    if init:
+        copy_into_lstm(NormLSTM(D, H, **init).to(device, torch.float32), theirs)
+    x = torch.rand(B, T, D, device=device) if args.input == "uniform" else torch.randn(B, T, D, device=device)
     if mode == "infer":
         with torch.no_grad():
             ours.train()(x)  # population statistics for bn / seqbn
@@ -164,7 +203,7 @@ def bench_one(name: str, shape: str, mode: str, args: argparse.Namespace, device
     else:
         ours.train()
         theirs.train()
-    calls = {"normlstm": make_call(ours, x, mode), "lstm": make_call(theirs, x, mode)}
+    calls = {"normlstm": make_call(ours, x, mode, args.loss), "lstm": make_call(theirs, x, mode, args.loss)}
     for _ in range(args.warmup):
         for call in calls.values():
             call()
@@ -186,6 +225,9 @@ def bench_one(name: str, shape: str, mode: str, args: argparse.Namespace, device
         "D": D,
         "H": H,
         "mode": mode,
+        "loss": args.loss if mode == "train" else None,
+        "init": args.init,
+        "input": args.input,
         "impl": args.impl,
         "normlstm_ms": normlstm_ms,
         "lstm_ms": lstm_ms,
@@ -224,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(results))
     if args.impl == "fused":
         compiled = native.available() and device.type == "cpu"
-        print("fused per-step work: " + ("compiled CPU kernels (rnorm.nn._fused_step)" if compiled else "torch operations"))
+        print("fused per-step work: " + ("compiled CPU kernels (rnorm.kernels._fused_step)" if compiled else "torch operations"))
+    print(f"loss {args.loss}, init {args.init}, input {args.input}")
     elapsed = time.perf_counter() - started
     print(f"total {elapsed:.0f} s")
     if args.json is not None:
@@ -239,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "batch_scale": args.batch_scale,
                 "dtype": "float32",
                 "statistic": "median",
+                "loss": args.loss,
+                "init": args.init,
+                "input": args.input,
             },
             "notes": {
                 "sites": "input/recurrent/cell: the name on every site it supports, 'none' elsewhere; "

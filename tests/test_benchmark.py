@@ -58,3 +58,17 @@ def test_unknown_names_exit_listing_the_known_ones(rnn_speed, capsys, argv, list
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "unknown" in err and listed in err
+
+
+def test_last_step_loss_and_the_configs_initialization(rnn_speed, tmp_path):
+    """The sequential-MNIST workload: loss on the last output only, weights initialized as the
+    configs do (nn.LSTM gets the same ones), inputs in [0, 1]; recorded in every row."""
+    out = tmp_path / "speed.json"
+    argv = [*TINY, "--norms", "none", "--modes", "train", "--loss", "last", "--init", "config", "--input", "uniform", "--json", str(out)]
+    assert rnn_speed.main(argv) == 0
+    report = json.loads(out.read_text())
+    (row,) = report["results"]
+    assert (row["norm"], row["shape"], row["mode"], row["loss"], row["init"], row["input"]) == ("none", "ptb", "train", "last", "config", "uniform")
+    assert report["settings"]["loss"] == "last" and math.isfinite(row["ratio"])
+    init = rnn_speed.config_init()
+    assert init and set(init) <= set(rnn_speed.INIT_KEYS)

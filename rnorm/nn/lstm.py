@@ -240,7 +240,7 @@ class NormLSTM(nn.Module):
         ``[1, T]``, masks that are padding at the end) run in eager mode only, so that tracing
         (``torch.compile``, ``torch.export``) sees no value-dependent branch: on the CPU they raise
         ``ValueError``; on other devices finiteness is a device-side assertion, which does not wait
-        for the device (``docs/cli.md``, "What is checked where").
+        for the device (docs/compile_and_export.md, "What is checked where").
         """
         if not isinstance(x, Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__

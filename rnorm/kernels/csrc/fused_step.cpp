@@ -289,7 +289,7 @@ RNORM_INLINE void forward_step(ForwardPlan<T>& p, long t) {
   T* act = p.act + s * B * G;
   T* zrow = p.zrow.data();
 
-  // -- gates (BN eq. 6, NP eq. 15), in z-space; one sigmoid gives all four ---------------------
+  // -- gates (eq. 4-5; BN eq. 6, NP eq. 15), in z-space; one sigmoid gives all four ------------
   for (long b = 0; b < B; ++b) {
     if (p.base == kBaseBuffer) {
       std::memcpy(zrow, p.z + b * G, G * sizeof(T));
@@ -311,7 +311,7 @@ RNORM_INLINE void forward_step(ForwardPlan<T>& p, long t) {
     for (long j = 2 * H; j < 3 * H; ++j) a[j] = T(2) * a[j] - T(1);  // tanh of the undoubled g
   }
 
-  // -- cell (eq. 7) ----------------------------------------------------------------------------
+  // -- cell (eq. 6) ----------------------------------------------------------------------------
   const T* c_prev = p.states_c + prev * B * H;
   T* c_next = p.states_c + next * B * H;
   T* c_new = p.cell_new ? p.cell_new + s * B * H : c_next;
@@ -323,7 +323,7 @@ RNORM_INLINE void forward_step(ForwardPlan<T>& p, long t) {
     for (long k = 0; k < H; ++k) cn[k] = a[H + k] * cp[k] + a[k] * a[2 * H + k];
   }
 
-  // -- the cell site and the output (eq. 8, NP eq. 17); chat holds 2 c-hat -----------------------
+  // -- the cell site and the output (eq. 7-8; NP eq. 17); chat holds 2 c-hat -------------------
   T* chat = p.chat.data();
   const Site<T>& cs = p.cell;
   if (cs.kind == kBatch || per_row(cs.kind)) {
@@ -375,7 +375,7 @@ RNORM_INLINE void forward_step(ForwardPlan<T>& p, long t) {
 #pragma omp simd
       for (long k = 0; k < H; ++k) ob[k] *= hs[k];
     }
-    // -- padding: an ended sequence keeps its state and outputs 0 ------------------------------
+    // -- padding (eq. 11): an ended sequence keeps its state and outputs 0 --------------------
     T* hn = h_next + b * H;
     T* cnext = c_next + b * H;
     const T* cn = c_new + b * H;
@@ -396,7 +396,7 @@ RNORM_INLINE void forward_step(ForwardPlan<T>& p, long t) {
 // gates (an ended sequence passes its state's gradient on), for the caller's GEMM to add
 // dr @ W_h to, and the gradient of c_{t-1} in dc.
 
-// du of y = gamma x-hat for batch (per column) statistics; dy, xhat, du (B, F); writes the
+// du of y = gamma x-hat for batch (per column) statistics (eq. 13); dy, xhat, du (B, F); writes the
 // weighted column means of dy and dy x-hat into sum_dy, sum_dy_xhat (gamma's and beta's gradients).
 template <typename T>
 RNORM_INLINE void batch_backward(const T* dy, const T* xhat, const T* rstd, const T* gamma, const T* w, const T* m, long B, long F,
@@ -427,7 +427,7 @@ RNORM_INLINE void batch_backward(const T* dy, const T* xhat, const T* rstd, cons
   }
 }
 
-// The same for layer (per row) statistics; adds sum_b dy x-hat (gamma's gradient) to gamma_grad (F,).
+// The same for layer (per row) statistics (eq. 14); adds sum_b dy x-hat (gamma's gradient) to gamma_grad (F,).
 template <typename T>
 RNORM_INLINE void layer_backward(const T* dy, const T* xhat, const T* rstd, const T* gamma, long B, long F, T* du,
                                  T* gamma_grad, bool center) {
@@ -539,7 +539,7 @@ RNORM_INLINE void backward_step(BackwardPlan<T>& p, long t) {
   T* dhn = p.dh_new.data();
   T* dchat = p.grad_chat ? p.grad_chat + t * B * H : p.d_chat.data();
 
-  // -- through h = o tanh(c-hat) ------------------------------------------------------------------
+  // -- padding (eq. 11') and through h = o tanh(c-hat) (eq. 12) -------------------------------
   for (long b = 0; b < B; ++b) {
     const T mb = m ? m[b] : T(1);
     const T* o = act + b * G + 3 * H;
@@ -563,14 +563,14 @@ RNORM_INLINE void backward_step(BackwardPlan<T>& p, long t) {
     }
   }
 
-  // -- through the cell site ------------------------------------------------------------------------
+  // -- through the cell site (eq. 13-14 for normalizing kinds) -------------------------------
   const T* dcell = dchat;
   if (p.cell.kind != kNone) {
     p.cell.backward(t, dchat, w, m, B, H, p.d_cell.data(), p.coef.data());
     dcell = p.d_cell.data();
   }
 
-  // -- through the gates (z-space: the g block's d tanh(z/2) / dz = (1 - g^2) / 2) and the cell --
+  // -- through the gates (eq. 15; z-space: the g block's d tanh(z/2) / dz = (1 - g^2) / 2) -----
   const T* c_prev = p.states_c + t * B * H;
   T* dz = p.grad_z + t * B * G;
   for (long b = 0; b < B; ++b) {
@@ -597,7 +597,7 @@ RNORM_INLINE void backward_step(BackwardPlan<T>& p, long t) {
     }
   }
 
-  // -- through the input and recurrent sites (the caller adds dr @ W_h to dh) --------------------
+  // -- through the input and recurrent sites (the caller adds dr @ W_h to dh: eq. 16) -----------
   if (p.input.kind != kNone) p.input.backward(t, dz, w, m, B, G, p.input.grad + t * B * G, p.coef.data());
   if (p.recurrent.kind != kNone) p.recurrent.backward(t, dz, w, m, B, G, p.recurrent.grad + t * B * G, p.coef.data());
 }
