@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from rnorm.kernels import native
+from rnorm.kernels import cudnn, native
+from rnorm.kernels.choice import LAYER_BACKENDS, Path, choose, log_path
 from rnorm.kernels.kinds import STEP_KINDS, StepKind, get_kind
 from rnorm.kernels.op import BACKENDS, lstm_recurrence, resolve_backend
 from rnorm.kernels.prepare import prepare
@@ -32,13 +33,17 @@ from rnorm.kernels.spec import LayerResult, LayerSpec, SiteSpec, SiteStatistics
 
 __all__ = [
     "BACKENDS",
+    "LAYER_BACKENDS",
     "STEP_KINDS",
     "LayerResult",
     "LayerSpec",
+    "Path",
     "SiteSpec",
     "SiteStatistics",
     "StepKind",
+    "cudnn",
     "get_kind",
+    "log_path",
     "lstm_layer",
     "native",
     "resolve_backend",
@@ -56,16 +61,26 @@ def lstm_layer(
         h0, c0: ``(B, H)`` each.
         mask: ``(T, B)`` boolean, ``True`` on real steps (padding at the end of each sequence), or
             ``None``. Padded steps leave the state unchanged and output 0.
-        backend: one of :data:`BACKENDS`.
+        backend: one of :data:`LAYER_BACKENDS`: ``auto`` (torch's LSTM where the layer is a plain
+            LSTM after its weight transform and that is faster, else the op's best implementation),
+            ``cudnn`` (torch's LSTM, :mod:`rnorm.kernels.cudnn`), or an op implementation
+            (``native``, ``torch``). The choice is logged once (:func:`rnorm.kernels.choice.log_path`).
 
     Returns:
         ``output`` ``(T, B, H)``, ``h_n``, ``c_n`` ``(B, H)`` at each sequence's last real step, and the
         training statistics of each ``batch`` or ``sequence`` site (for population statistics).
 
     Raises:
-        ValueError: a description or tensor that does not fit (what was expected, what was given).
+        ValueError: a description or tensor that does not fit (what was expected, what was given),
+            an unknown ``backend``, or ``cudnn`` where the layer is not a plain LSTM after its weight
+            transform (the reason).
+        RuntimeError: ``native`` where the compiled kernels cannot run (the reason).
     """
     spec.check(x, h0, c0, mask)
+    path = choose(spec, x, mask, backend)
+    log_path(path)
+    if path.name == "cudnn":
+        return cudnn.lstm_layer(spec, x, h0, c0, mask)
     args, statistics = prepare(spec, x, h0, c0, mask, backend)
     outputs = lstm_recurrence(args)
     for site in ("input", "recurrent", "cell"):

@@ -42,7 +42,7 @@ from rnorm.kernels.schema import (
     to_flat,
 )
 
-__all__ = ["BACKENDS", "lstm_recurrence", "resolve_backend"]
+__all__ = ["BACKENDS", "choose_backend", "lstm_recurrence", "resolve_backend"]
 
 #: What ``backend`` may ask for: ``auto`` (the best implementation for the device), ``native`` (the
 #: compiled CPU kernels; an error where they cannot run) or ``torch`` (the torch-ops loop anywhere).
@@ -58,7 +58,18 @@ torch.library.define(BACKWARD_INPLACE, op_schema(BackwardArgs, Gradients, mutati
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, synchronized: bool) -> str:
-    """The implementation that runs: ``"native"`` or ``"torch"``.
+    """The implementation that runs: ``"native"`` or ``"torch"`` (:func:`choose_backend` without its reason).
+
+    Raises:
+        ValueError: an unknown ``backend``.
+        RuntimeError: ``backend="native"`` where the compiled kernels cannot run (says why).
+    """
+    return choose_backend(backend, device, dtype, synchronized)[0]
+
+
+def choose_backend(backend: str, device: torch.device, dtype: torch.dtype, synchronized: bool, *, warn: bool = True) -> tuple[str, str]:
+    """The implementation that runs and why, in words for the log line (no shapes or values);
+    ``warn``: warn (once per location) where ``auto`` finds the compiled kernels not built.
 
     Raises:
         ValueError: an unknown ``backend``.
@@ -67,21 +78,21 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, sync
     if backend not in BACKENDS:
         raise ValueError(f"Unknown fused recurrence backend {backend!r}. Available: {', '.join(BACKENDS)}.")
     if backend == "torch":
-        return "torch"
+        return "torch", "backend 'torch' was asked for"
     reason = None
     if device.type != "cpu" or dtype not in (torch.float32, torch.float64):
-        reason = "they need float32 or float64 tensors on the CPU"
+        reason = f"they need float32 or float64 tensors on the CPU, not {dtype} on {device.type}"
     elif synchronized:
         reason = "batch statistics synchronized across processes run with torch operations"
     elif not native.available():
         reason = "they are not built (no C++ compiler at install time?)"
-        if backend == "auto":
+        if backend == "auto" and warn:
             warnings.warn(native.MISSING_MESSAGE, RuntimeWarning, stacklevel=4)
     if reason is None:
-        return "native"
+        return "native", "the compiled CPU kernels"
     if backend == "native":
         raise RuntimeError(f"backend='native': the compiled CPU kernels cannot run: {reason}. Use backend 'auto' or 'torch'.")
-    return "torch"
+    return "torch", f"the compiled CPU kernels cannot run: {reason}"
 
 
 def lstm_recurrence(args: RecurrenceArgs) -> RecurrenceOutputs:
