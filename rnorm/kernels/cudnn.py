@@ -95,6 +95,10 @@ def lstm_layer(spec: LayerSpec, x: Tensor, h0: Tensor, c0: Tensor, mask: Tensor 
             "backend='cudnn': padded sequences are packed with their lengths read on the host, which tracing "
             "(torch.compile, torch.export) cannot do. Trace without lengths, or use backend 'auto'."
         )
+    if torch.is_autocast_enabled(x.device.type):
+        # In the tensors' precision, as the op runs: autocast would run torch's LSTM in float16/bfloat16.
+        with torch.autocast(x.device.type, enabled=False):
+            return lstm_layer(spec, x, h0, c0, mask)
     statistics: dict[str, SiteStatistics] = {}
     inp = spec.input
     if inp.kind == "sequence":  # sequencewise statistics are one affine map of every step

@@ -39,11 +39,16 @@ class NormLSTM(nn.Module):
         input_init: initializer of ``W_x`` per gate block: ``orthogonal`` or ``uniform``.
         recurrent_init: initializer of ``W_h`` per gate block: ``orthogonal``, ``identity`` or ``uniform``.
         forget_bias: initial forget-gate bias.
-        impl: the recurrence implementation: ``fused`` (default: the op of :mod:`rnorm.kernels`,
-            its per-step work in the compiled CPU kernels where they are built; the reference loop
-            for strategies without a fused form), ``fused_torch`` (the same op with torch operations
-            per step; allows backward through one graph more than once) or ``reference`` (the
-            per-step loop of the papers' equations); see :data:`rnorm.nn.dispatch.RECURRENCES`.
+        impl: the recurrence implementation: ``fused`` (default: the fastest path for the layer
+            and device: torch's own LSTM where the layer is a plain LSTM after its weight
+            transform and that is faster (cuDNN on CUDA), else the op of :mod:`rnorm.kernels`, its
+            per-step work in the compiled CPU kernels where they are built; the reference loop for
+            strategies without a fused form), ``fused_torch`` (the op with torch operations per
+            step; allows backward through one graph more than once), ``cudnn`` (torch's own LSTM;
+            an error naming the reason where the layer is not a plain LSTM after its weight
+            transform) or ``reference`` (the per-step loop of the papers' equations); see
+            :data:`rnorm.nn.dispatch.RECURRENCES`. The path taken is logged once at INFO on the
+            ``rnorm.kernels`` logger (docs/performance.md, "Which path runs where").
 
     Example:
         >>> import torch

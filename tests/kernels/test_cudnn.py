@@ -141,6 +141,29 @@ def test_without_bias_or_shifts_and_without_gradients():
         assert _rel_err(actual, wanted) <= RTOL
 
 
+def _moved(value, device: str, dtype: torch.dtype):  # noqa: ANN001, ANN202
+    """A tensor, site or description's tensors on ``device`` in ``dtype``, leaves that require grad."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device, dtype).requires_grad_(value.requires_grad)
+    if isinstance(value, kernels.SiteSpec):
+        scale, shift = _moved(value.scale, device, dtype), _moved(value.shift, device, dtype)
+        return kernels.SiteSpec(value.kind, scale, shift, value.eps, value.synchronized)
+    if isinstance(value, kernels.LayerSpec):
+        return kernels.LayerSpec(**{name: _moved(getattr(value, name), device, dtype) for name in value.__dataclass_fields__})
+    return value
+
+
+def test_autocast_leaves_the_tensors_precision():
+    """Under autocast torch's LSTM would run in bfloat16; this path runs in the tensors' dtype, as the op does."""
+    torch.manual_seed(4)
+    spec = _moved(_spec("identity", "affine"), "cpu", torch.float32)
+    x, h0, c0 = (torch.randn(*shape) for shape in ((T, B, D), (B, H), (B, H)))
+    plain = kernels.lstm_layer(spec, x, h0, c0, PADDED, backend="cudnn")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = kernels.lstm_layer(spec, x, h0, c0, PADDED, backend="cudnn")
+    assert autocast.output.dtype == torch.float32 and torch.equal(autocast.output, plain.output)
+
+
 def _replace(spec: kernels.LayerSpec, **changes) -> kernels.LayerSpec:
     fields = {name: getattr(spec, name) for name in spec.__dataclass_fields__}
     return kernels.LayerSpec(**{**fields, **changes})
@@ -191,8 +214,7 @@ def test_cuda_runs_cudnn_on_one_weight_buffer(dtype, recwarn):
     float32 tolerance 1e-4: cuDNN may use TF32 products (torch.backends.cudnn.allow_tf32, default
     on), about 1e-3 relative per product, which these few steps average down."""
     torch.manual_seed(3)
-    spec = _spec("sequence", "affine")
-    spec = kernels.LayerSpec(**{n: _cuda(getattr(spec, n), dtype) for n in spec.__dataclass_fields__})
+    spec = _moved(_spec("sequence", "affine"), "cuda", dtype)
     x, h0, c0 = (torch.randn(*s, dtype=dtype, device="cuda", requires_grad=True) for s in ((T, B, D), (B, H), (B, H)))
     leaves = _leaves(spec, x, h0, c0)
     mask = PADDED.cuda()
@@ -205,9 +227,3 @@ def test_cuda_runs_cudnn_on_one_weight_buffer(dtype, recwarn):
     assert not [w for w in recwarn if "contiguous chunk" in str(w.message)]
 
 
-def _cuda(value, dtype):  # noqa: ANN001, ANN202
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cuda", dtype).requires_grad_(value.requires_grad)
-    if isinstance(value, kernels.SiteSpec):
-        return kernels.SiteSpec(value.kind, _cuda(value.scale, dtype), _cuda(value.shift, dtype), value.eps, value.synchronized)
-    return value
