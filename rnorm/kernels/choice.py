@@ -27,10 +27,6 @@ __all__ = ["LAYER_BACKENDS", "Path", "choose", "log_path"]
 #: implementation of the op; an error where the layer is not a plain LSTM after its weight transform).
 LAYER_BACKENDS = (*BACKENDS, "cudnn")
 
-#: On the CPU in float32, torch's LSTM (oneDNN) beats the compiled kernels from this hidden size on,
-#: in training and inference, without padding (docs/performance.md, "Dispatch to torch's LSTM").
-CPU_MIN_HIDDEN = 512
-
 _LOG = logging.getLogger("rnorm.kernels")
 
 
@@ -46,8 +42,10 @@ def choose(spec: LayerSpec, x: Tensor, mask: Tensor | None, backend: str) -> Pat
     """The path for ``spec`` on ``x`` ``(T, B, D)`` with ``mask`` ``(T, B)`` or ``None``.
 
     ``auto`` takes torch's LSTM where the layer is a plain LSTM after its weight transform and that
-    is faster: always on CUDA (cuDNN), on the CPU in float32 without padding from
-    :data:`CPU_MIN_HIDDEN` hidden units; never while tracing with padding (packing reads lengths).
+    is measured faster (docs/performance.md, "Dispatch to torch's LSTM"): on CUDA (cuDNN), and on
+    the CPU where the op would run its torch-ops loop (the compiled kernels not built, or a dtype
+    they do not take); the compiled CPU kernels are as fast or faster than torch's LSTM. Never
+    while tracing with padding (packing reads the lengths on the host).
 
     Raises:
         ValueError: an unknown ``backend``.
@@ -57,28 +55,22 @@ def choose(spec: LayerSpec, x: Tensor, mask: Tensor | None, backend: str) -> Pat
         raise ValueError(f"Unknown fused recurrence backend {backend!r}. Available: {', '.join(LAYER_BACKENDS)}.")
     if backend == "cudnn":
         return Path("cudnn", "backend 'cudnn' was asked for")
-    # Below, warn=False: the op itself warns where the compiled kernels are missing, when it runs.
-    if backend == "auto":
-        faster, why = _torch_lstm(spec, x, mask)
-        if faster:
-            return Path("cudnn", f"a plain LSTM after its weight transform, {why}")
-        name, reason = choose_backend(backend, x.device, x.dtype, spec.synchronized, warn=False)
-        return Path(name, f"{reason}; not torch's LSTM: {why}")
-    return Path(*choose_backend(backend, x.device, x.dtype, spec.synchronized, warn=False))
-
-
-def _torch_lstm(spec: LayerSpec, x: Tensor, mask: Tensor | None) -> tuple[bool, str]:
-    """Whether torch's LSTM is the faster way to run ``spec`` here, and why (or why not)."""
-    reason = cudnn.ineligibility(spec)
-    if reason is not None:
-        return False, reason
-    if cudnn.traced_with_mask(x, mask):
-        return False, "traced with padding (packing reads the lengths on the host)"
+    # warn=False: the op itself warns where the compiled kernels are missing, when it runs.
+    name, reason = choose_backend(backend, x.device, x.dtype, spec.synchronized, warn=False)
+    if backend != "auto":
+        return Path(name, reason)
+    plain = cudnn.ineligibility(spec)
+    if plain is None and cudnn.traced_with_mask(x, mask):
+        plain = "traced with padding (packing reads the lengths on the host)"
+    if plain is not None:
+        return Path(name, f"{reason}; not torch's LSTM: {plain}")
     if x.device.type == "cuda":
-        return True, "on CUDA (cuDNN)"
-    if x.device.type == "cpu" and x.dtype == torch.float32 and mask is None and spec.hidden_size >= CPU_MIN_HIDDEN:
-        return True, f"float32 on the CPU without padding at H >= {CPU_MIN_HIDDEN} (oneDNN)"
-    return False, f"slower than the compiled kernels on the CPU but in float32 without padding at H >= {CPU_MIN_HIDDEN}"
+        return Path("cudnn", "a plain LSTM after its weight transform, on CUDA (cuDNN)")
+    if x.device.type == "cpu" and name == "torch":
+        return Path("cudnn", f"a plain LSTM after its weight transform, on the CPU where {reason}")
+    if x.device.type == "cpu":
+        return Path(name, f"{reason}; not torch's LSTM: the compiled CPU kernels are as fast or faster")
+    return Path(name, f"{reason}; not torch's LSTM: not measured on {x.device.type}")
 
 
 def log_path(path: Path) -> None:
