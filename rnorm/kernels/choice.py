@@ -27,6 +27,11 @@ __all__ = ["LAYER_BACKENDS", "Path", "choose", "log_path"]
 #: implementation of the op; an error where the layer is not a plain LSTM after its weight transform).
 LAYER_BACKENDS = (*BACKENDS, "cudnn")
 
+#: On the CPU, torch's LSTM (oneDNN) is measured as fast as the compiled kernels or faster in float32
+#: without padding from this hidden size on (up to 1.7x at 2 threads, as fast at 1; 10-20 % slower
+#: at H = 100): docs/performance.md, "Torch's LSTM against the compiled kernels on the CPU".
+CPU_MIN_HIDDEN = 512
+
 _LOG = logging.getLogger("rnorm.kernels")
 
 
@@ -42,10 +47,10 @@ def choose(spec: LayerSpec, x: Tensor, mask: Tensor | None, backend: str) -> Pat
     """The path for ``spec`` on ``x`` ``(T, B, D)`` with ``mask`` ``(T, B)`` or ``None``.
 
     ``auto`` takes torch's LSTM where the layer is a plain LSTM after its weight transform and that
-    is measured faster (docs/performance.md, "Dispatch to torch's LSTM"): on CUDA (cuDNN), and on
-    the CPU where the op would run its torch-ops loop (the compiled kernels not built, or a dtype
-    they do not take); the compiled CPU kernels are as fast or faster than torch's LSTM. Never
-    while tracing with padding (packing reads the lengths on the host).
+    is measured faster (docs/performance.md, "Which path runs where"): on CUDA (cuDNN); on the CPU
+    in float32 without padding from :data:`CPU_MIN_HIDDEN` hidden units (oneDNN), and wherever the
+    op would run its torch-ops loop (the compiled kernels not built, or a dtype they do not take).
+    Never while tracing with padding (packing reads the lengths on the host).
 
     Raises:
         ValueError: an unknown ``backend``.
@@ -66,11 +71,15 @@ def choose(spec: LayerSpec, x: Tensor, mask: Tensor | None, backend: str) -> Pat
         return Path(name, f"{reason}; not torch's LSTM: {plain}")
     if x.device.type == "cuda":
         return Path("cudnn", "a plain LSTM after its weight transform, on CUDA (cuDNN)")
-    if x.device.type == "cpu" and name == "torch":
+    if x.device.type != "cpu":
+        return Path(name, f"{reason}; not torch's LSTM: not measured on {x.device.type}")
+    if name == "torch":
         return Path("cudnn", f"a plain LSTM after its weight transform, on the CPU where {reason}")
-    if x.device.type == "cpu":
-        return Path(name, f"{reason}; not torch's LSTM: the compiled CPU kernels are as fast or faster")
-    return Path(name, f"{reason}; not torch's LSTM: not measured on {x.device.type}")
+    if x.dtype == torch.float32 and mask is None and spec.hidden_size >= CPU_MIN_HIDDEN:
+        where = f"float32 without padding at H >= {CPU_MIN_HIDDEN} (oneDNN)"
+        return Path("cudnn", f"a plain LSTM after its weight transform, {where}")
+    faster = f"the compiled CPU kernels are as fast or faster but in float32 without padding at H >= {CPU_MIN_HIDDEN}"
+    return Path(name, f"{reason}; not torch's LSTM: {faster}")
 
 
 def log_path(path: Path) -> None:
