@@ -117,8 +117,8 @@ def lstm_layer(spec: LayerSpec, x: Tensor, h0: Tensor, c0: Tensor, mask: Tensor 
 
 
 def _fold(site: SiteSpec, weight: Tensor) -> tuple[Tensor, Tensor | None]:
-    """``(W', s)`` with ``site(W u) = W' u + s``: an affine map of every step scales the rows of ``W``
-    and adds its shift (``diag(a) W x + b``); the identity leaves both alone."""
+    """``(W', s)`` with ``site(W u) = W' u + s``: an affine map ``a ⊙ y + s`` of every step scales the
+    rows of ``W`` (``W' = diag(a) W``) and adds its shift; the identity leaves ``W`` alone."""
     if site.kind == "identity":
         return weight, None
     shift = None if site.shift is None else site.shift[0]
@@ -127,8 +127,9 @@ def _fold(site: SiteSpec, weight: Tensor) -> tuple[Tensor, Tensor | None]:
 
 def _one_buffer(params: list[Tensor]) -> list[Tensor]:
     """The weights as views of one contiguous buffer in their order (W_x, W_h, biases), the layout
-    cuDNN keeps a one-layer LSTM's weights in: it then uses them in place rather than warning and
-    copying them at every call (``torch.nn.LSTM.flatten_parameters`` does this for a module)."""
+    cuDNN keeps a one-layer LSTM's weights in (``torch.nn.LSTM.flatten_parameters`` makes it for a
+    module), so that cuDNN can use them in place: where torch finds another layout it warns and
+    copies them at every call."""
     flat = torch.cat([p.reshape(-1) for p in params])
     return [view.view_as(p) for view, p in zip(flat.split([p.numel() for p in params]), params)]
 

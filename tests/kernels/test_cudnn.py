@@ -18,6 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from rnorm import kernels
 from rnorm.kernels import cudnn
+from rnorm.nn import NormLSTM
 
 T, B, D, H = 6, 5, 3, 4
 RTOL = 1e-9
@@ -204,6 +205,28 @@ def test_padding_under_tracing_is_refused():
         assert cudnn.traced_with_mask(x, mask) and not cudnn.traced_with_mask(x, None)
         with pytest.raises(ValueError, match=r"lengths read on the host, which tracing .* cannot do"):
             cudnn.lstm_layer(spec, x, h, h, mask)
+
+
+def test_compiles_in_one_graph_without_padding():
+    """torch.compile(fullgraph=True) traces torch's LSTM as one aten.lstm node: the same results as
+    eager mode, gradients included (measured equal; 1e-12 allows a reordered sum around it). With
+    padding it stops at tracing time, naming the reason (lengths on the host)."""
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    options = dict(input_norm="wn", recurrent_norm="wn", cell_norm="none", impl="cudnn", bidirectional=True)
+    eager, model = NormLSTM(D, H, **options).double(), NormLSTM(D, H, **options).double()
+    model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    for m in (eager, compiled):
+        output, (h_n, c_n) = m(x)
+        (output.square().sum() + h_n.sum() + c_n.sum()).backward()
+    assert _rel_err(compiled(x)[0].detach(), eager(x)[0].detach()) <= 1e-12
+    for (name, a), b in zip(eager.named_parameters(), model.parameters()):
+        assert _rel_err(b.grad, a.grad) <= 1e-12, name
+    with pytest.raises(Exception, match="lengths read on the host"):
+        compiled(x, torch.tensor([T, 2, T, 3, T]))
+    torch._dynamo.reset()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
