@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from rnorm import norms
-from rnorm.data.download import atomic_write_bytes
+from rnorm.utils.atomic import atomic_write_bytes
 from rnorm.nn import RECURRENCES, NormLSTM, native
 
 #: name -> (T, B, D, H): sequence length, batch, input features, hidden units.

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rnorm.data.download import atomic_write_bytes
+from rnorm.utils.atomic import atomic_write_bytes
 
 MATPLOTLIB_MISSING = (
     "This analysis draws its figure with matplotlib, which is not installed. Install it with "
@@ -38,12 +37,6 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Seq
     writer.writerow(header)
     writer.writerows(rows)
     atomic_write_bytes(path, buffer.getvalue().encode())
-    return Path(path)
-
-
-def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
-    """Write ``data`` as indented JSON to ``path`` (never half-written); returns the path."""
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
     return Path(path)
 
 

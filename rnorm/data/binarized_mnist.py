@@ -65,8 +65,6 @@ AMAT_MD5 = {
     "binarized_mnist_test.amat": "14e41ae11040adba6ab8cb291eda0dd8",
 }
 AMAT_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
-#: Images per split of the fixed binarization.
-AMAT_SIZES = {"train": 50_000, "valid": 10_000, "test": 10_000}
 GZIP_MAGIC = b"\x1f\x8b"
 
 

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rnorm.data.download import atomic_write_bytes
+from rnorm.utils.atomic import atomic_write_bytes
 
 __all__ = ["SPLIT_FOLDERS", "SyntheticQuestion", "synthetic_question", "write_synthetic_corpus"]
 

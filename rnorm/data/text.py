@@ -68,7 +68,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rnorm.data.download import atomic_write_bytes
+from rnorm.utils.atomic import atomic_write_bytes
 from rnorm.data.download import download as download_file
 from rnorm.data.seeding import keyed_generator
 
