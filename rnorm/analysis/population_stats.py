@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from rnorm.analysis.output import add_analysis_parser, require_pyplot, save_figure, write_csv
+from rnorm.utils.checkpoint import load_checkpoint, task_globals
 
 CSV_NAME = "population_stats.csv"
 PNG_NAME = "population_stats.png"
@@ -46,12 +47,13 @@ def load_population_statistics(path: str | os.PathLike) -> dict[str, tuple[Tenso
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is not a checkpoint, or it holds objects other than tensors and
+            plain data (it is never unpickled unsafely).
         ValueError: the file holds no state dict, or no per-step population statistics.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint not found: {str(path)!r}.")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    # Tensors and plain data only (a task built in Python also saves its factories: allowed by name).
+    checkpoint = load_checkpoint(path, allow=task_globals())
     if not isinstance(checkpoint, Mapping):
         kind = type(checkpoint).__name__
         raise ValueError(f"Expected {str(path)!r} to hold a checkpoint or a state dict, but it holds a {kind}.")

@@ -135,3 +135,11 @@ def test_checkpoint_without_batch_norm_is_refused(tmp_path):
     with pytest.raises(ValueError, match="has no per-step population statistics: was it trained with bn?"):
         population_stats.run(ckpt, tmp_path / "out")
     assert not (tmp_path / "out" / "population_stats.csv").exists()
+
+
+def test_a_crafted_checkpoint_runs_no_code(crafted_checkpoint, tmp_path):
+    path, marker = crafted_checkpoint
+    with pytest.raises(ValueError, match="is not a valid rnorm/Lightning checkpoint") as error:
+        population_stats.run(path, tmp_path / "out", plot=False)
+    assert not marker.exists() and "weights_only=False" not in str(error.value)
+    assert not (tmp_path / "out").exists()
