@@ -12,7 +12,7 @@ such sites are included, as one point per unit. (A ``bn`` site trained on one-st
 the same in a state dict.) ``t`` is 0-based everywhere, as in ``TimeBatchNorm.step(x, t)``.
 
 Example:
-    ``rnorm analysis population-stats --ckpt_path runs/bn/checkpoints/last.ckpt --units 8``
+    ``rnorm analyze population-stats --ckpt_path runs/bn/checkpoints/last.ckpt --units 8``
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--ckpt_path", required=True, help="checkpoint (or state dict file) of a model trained with bn")
     parser.add_argument("--units", type=int, default=8, help="units sampled per site (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the unit sampling (default: 0)")
-    parser.add_argument("--max-sites", type=int, default=None, help="plot only the first N sites (default: all)")
+    parser.add_argument("--max_sites", type=int, default=None, help="plot only the first N sites (default: all)")
     return parser
 
 
