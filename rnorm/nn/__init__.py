@@ -3,12 +3,14 @@
 from rnorm.nn.cell import NormLSTMCell
 from rnorm.nn.lstm import RECURRENCES, NormLSTM
 from rnorm.nn.masking import lengths_to_mask, mask_to_lengths, reverse_padded
+from rnorm.nn.normalized_sum import NormalizedSum
 from rnorm.nn.recurrence import lstm_step, reference_layer, reference_recurrence
 
 __all__ = [
     "RECURRENCES",
     "NormLSTM",
     "NormLSTMCell",
+    "NormalizedSum",
     "lengths_to_mask",
     "lstm_step",
     "mask_to_lengths",
