@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from rnorm import norms
-from rnorm.utils.atomic import atomic_write_bytes
 from rnorm.nn import RECURRENCES, NormLSTM, native
+from rnorm.utils.atomic import atomic_write_bytes
 
 #: name -> (T, B, D, H): sequence length, batch, input features, hidden units.
 SHAPES = {

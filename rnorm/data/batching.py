@@ -103,7 +103,7 @@ class TrainingBatchSampler(BatchSampler):
             yield batch
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.sampler), self.batch_size)  # type: ignore[arg-type]
+        full, rest = divmod(len(self.sampler), self.batch_size)
         return full + (rest > 0 and not self.drop_last and not (self.merge_last and full > 0))
 
 
