@@ -37,15 +37,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from rnorm import norms
-from rnorm.data.download import atomic_write_bytes
 from rnorm.kernels import native
 from rnorm.nn import RECURRENCES, NormLSTM
+from rnorm.utils.atomic import atomic_write_bytes
 
 #: name -> (T, B, D, H): sequence length, batch, input features, hidden units.
 SHAPES = {

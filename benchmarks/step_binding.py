@@ -26,10 +26,10 @@ SHAPES = {"pmnist": (784, 64, 100), "ptb": (100, 64, 1000), "text8": (180, 128, 
 EPS = 1e-5
 
 
-def torch_step(u_in, u_rec, c_prev, gamma_in, gamma_rec, gamma_c, beta_c, shift, w):  # noqa: ANN001, ANN201
+def torch_step(u_in, u_rec, c_prev, gamma_in, gamma_rec, gamma_c, beta_c, shift, w):
     """The step's work after its GEMMs, as in rnorm/kernels/torch_loop.py (z-space, docs/fused_backward.md eq. 4-9)."""
 
-    def batch_norm(u):  # noqa: ANN001, ANN202
+    def batch_norm(u):
         mean = w @ u
         centered = u - mean
         var = w @ (centered * centered)

@@ -122,7 +122,7 @@ torch.library.impl(FORWARD, "cpu", _forward_cpu)
 torch.library.register_fake(FORWARD, _forward_fake)
 
 
-def _backward_impl(reuse: bool):  # noqa: ANN202
+def _backward_impl(reuse: bool):
     def cpu(*flat: object) -> tuple[Tensor, ...]:
         args = from_flat(BackwardArgs, flat)
         chosen = resolve_backend(args.backend, args.source.device, args.source.dtype, args.synchronized)
@@ -179,7 +179,7 @@ _KEPT = ("source", "input_weight", "recurrent_weight", "input_scale", "recurrent
 _DIFFERENTIABLE = ("source", "input_weight", "recurrent_weight", "shift", "input_scale", "recurrent_scale", "cell_scale", "cell_shift", "h0", "c0")
 
 
-def _setup_context(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     args = from_flat(RecurrenceArgs, inputs)
     outputs = from_flat(RecurrenceOutputs, output)
     saved = to_flat(outputs.saved)
@@ -198,7 +198,7 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001
     ctx.buffers_consumed = False
 
 
-def _backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+def _backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
     if ctx.buffers_consumed:
         raise RuntimeError(
             "Backward through NormLSTM's fused recurrence a second time (retain_graph=True): its compiled "

@@ -260,7 +260,7 @@ def _batch_means(items: list[tuple], w: Tensor, synchronized: bool) -> list[tupl
     return list(zip(local[0::2], local[1::2]))
 
 
-def _batch_derivative(dy, xhat, rstd, gamma, mean_dy, mean_dy_xhat, step_mask, out):  # noqa: ANN001, ANN202
+def _batch_derivative(dy, xhat, rstd, gamma, mean_dy, mean_dy_xhat, step_mask, out):
     """``∂loss/∂u`` of batch normalization from the batch means of ``dy`` and ``dy x̂`` ``(1, F)`` (eq. 13)."""
     du = torch.mul((dy - mean_dy).addcmul_(xhat, mean_dy_xhat, value=-1.0), gamma * rstd, out=out)
     return du if step_mask is None else du.mul_(step_mask)  # padded rows entered no statistic
@@ -269,16 +269,16 @@ def _batch_derivative(dy, xhat, rstd, gamma, mean_dy, mean_dy_xhat, step_mask, o
 class _BackSite:
     """A site in the backward loop: its saved x̂ and ``1/std``, scale, and where γ's sums go."""
 
-    def __init__(self, kind: str, norm: Tensor, rstd: Tensor, scale: Tensor | None, sums, features: int, like: Tensor, synchronized: bool) -> None:  # noqa: ANN001
+    def __init__(self, kind: str, norm: Tensor, rstd: Tensor, scale: Tensor | None, sums, features: int, like: Tensor, synchronized: bool) -> None:
         self.kind = None if kind == "given" else get_kind(kind)
         self.norm, self.rstd, self.scale, self.sums, self.synchronized = norm, rstd, scale, sums, synchronized
         self.layer_weights = _layer_weights(like, features) if self.kind is not None and self.kind.per_row else None
 
-    def sums_at(self, t: int):  # noqa: ANN201
+    def sums_at(self, t: int):
         return None if self.sums is None else (self.sums[0][t], self.sums[1][t])
 
 
-def backward(args: BackwardArgs) -> Gradients:  # noqa: C901, PLR0915
+def backward(args: BackwardArgs) -> Gradients:
     """Back through time with torch operations (eq. 11–16): the gradients of ``rnorm::lstm_recurrence``'s inputs."""
     saved = args.saved
     act, tanh_cell, states_c = saved.act, saved.tanh_cell, saved.states_c

@@ -325,11 +325,21 @@ class NormLSTM(nn.Module):
         lonely = (counts == 1).nonzero()
         if lonely.numel():
             step = int(lonely[0])
+            if int(counts[0]) == 1:
+                cause = (
+                    "The batch holds a single sequence: usually an epoch's last batch (the number of training "
+                    "examples modulo the batch size). rnorm's data modules merge it into the batch before "
+                    "(last_batch: auto); with your own DataLoader, drop or merge it."
+                )
+            else:
+                cause = (
+                    "Only one sequence of the batch is this long: batch sequences of similar length together, or "
+                    "crop at the batch's second-longest length (QADataModule's trim_unshared_tail)."
+                )
             raise ValueError(
-                f"Batch normalization in training needs at least 2 unpadded samples at every step, "
-                f"but step {step} has only 1 ({batch}). Use a larger batch, batch "
-                f"sequences of similar length together, or a strategy without batch statistics "
-                f"('ln', 'normprop') or 'seqbn' on the input site."
+                f"Batch normalization in training needs at least 2 unpadded samples at every step, but step {step} "
+                f"has only 1 ({batch}). {cause} Or use a strategy without batch statistics ('ln', 'normprop'), or "
+                f"'seqbn' on the input site."
             )
         return int((counts > 0).sum())  # counts never grow with t: the longest sequence's length
 

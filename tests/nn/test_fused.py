@@ -278,10 +278,10 @@ class _RootMeanSquare(norms.Normalizer):
         self.gamma = torch.nn.Parameter(torch.linspace(0.5, 1.5, num_features))
         self.beta = torch.nn.Parameter(torch.linspace(-0.2, 0.2, num_features))
 
-    def forward(self, x, mask=None):  # noqa: ANN001, ANN201
+    def forward(self, x, mask=None):
         return self.gamma * x / torch.sqrt((x * x).sum(-1, keepdim=True) / x.shape[-1] + 1e-3) + self.beta
 
-    def step(self, x, t, mask=None):  # noqa: ANN001, ANN201
+    def step(self, x, t, mask=None):
         return self.forward(x)
 
     def fused_step(self, num_steps: int) -> norms.FusedStep:
