@@ -22,7 +22,7 @@ from functools import partial
 
 from torch import Tensor
 
-from rnorm import kernels
+from rnorm.kernels import LayerSpec, SiteSpec, lstm_layer
 from rnorm.nn.cell import NormLSTMCell
 from rnorm.nn.recurrence import reference_recurrence
 from rnorm.norms.base import FusedStep
@@ -65,8 +65,8 @@ def reference_layer(
     )
 
 
-def _site(fused: FusedStep) -> kernels.SiteSpec:
-    return kernels.SiteSpec(fused.kind, fused.scale, fused.shift, fused.eps, fused.synchronized)
+def _site(fused: FusedStep) -> SiteSpec:
+    return SiteSpec(fused.kind, fused.scale, fused.shift, fused.eps, fused.synchronized)
 
 
 def fused_layer(
@@ -98,7 +98,7 @@ def fused_layer(
     else:
         source, input_site, bias = x, _site(inp), cell.bias
         input_weight = cell.input_norm.transform_weight(cell.weight_ih)
-    spec = kernels.LayerSpec(
+    spec = LayerSpec(
         recurrent_weight=cell.recurrent_norm.transform_weight(cell.weight_hh),
         recurrent=_site(rec),
         cell=_site(cel),
@@ -107,7 +107,7 @@ def fused_layer(
         bias=bias,
         hidden_scale=cell.cell_norm.hidden_scale,
     )
-    result = kernels.lstm_layer(spec, source, h0, c0, mask, backend=backend)
+    result = lstm_layer(spec, source, h0, c0, mask, backend=backend)
     for site, fused in (("input", inp), ("recurrent", rec), ("cell", cel)):
         statistics = result.statistics.get(site)
         if statistics is not None and fused.record is not None:
