@@ -216,6 +216,25 @@ def test_tf32_products_follow_torch_setting(monkeypatch):
     _compare(("bn", "bn", "bn"), torch.float32, 2e-2, steps=20, batch=16, hidden_size=32)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need CUDA; on the CPU the same step launches run uncaptured")
+def test_captured_loops_replay_with_each_calls_buffers():
+    """The first call of a plan launches its steps, the second captures them, later ones replay the
+    graph: each with its own input, lengths and buffers (the table of addresses rewritten), each
+    within float32's tolerance of the reference on that input."""
+    from rnorm.kernels.triton.graphs import GRAPHS
+
+    GRAPHS.clear()
+    reference, model = _pair(("bn", "ln", "bn"), torch.float32, input_size=3, hidden_size=32)
+    modes = []
+    for call in range(4):
+        x = torch.randn(12, 8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(call))
+        lengths = torch.tensor([12, 12 - call, 7, 12, 3 + call, 12, 9, 12])
+        _assert_close(_run(reference, x, lengths), _run(model, x, lengths), RTOL_32)
+        modes.append(sorted(p.mode for p in GRAPHS._programs.values()))
+    assert modes[0] == ["launched", "launched"]  # forward and backward, first call: warm-up
+    assert modes[1:] == [["replayed", "replayed"]] * 3
+
+
 def test_forcing_triton_where_it_cannot_run_names_the_reason(monkeypatch):
     """``backend="triton"`` (``impl="triton"``): an error saying why, where the kernels cannot run;
     ``auto`` on CUDA picks them where they can, and the torch-ops loop where they cannot."""

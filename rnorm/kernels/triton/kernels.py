@@ -19,7 +19,10 @@ recurrent term and of the cell, the gates and the cell itself stay in registers.
 16 in every dimension (``BB``, ``BH``, ``BK`` ≥ 16, padding masked), every block shape is a power
 of two, accumulators are the tensors' dtype (``out_dtype``), and under ``TRITON_INTERPRET=1`` no
 ``tl.dot`` sees bf16 or fp16 (the operand buffers then hold float32 values rounded to that
-precision, :func:`_operand`). Only the ``tl`` API of Triton 3.6 is used (the GPU machine's).
+precision, :func:`_operand`). Sizes and steps are never specialized (``do_not_specialize``): a
+size of 1 would become a constant, and each step index a new compilation. Only the ``tl`` API of
+Triton 3.6 is used (the GPU machine's); ``benchmarks/triton_compile_check.py`` compiles every
+variant for sm_90 without a GPU.
 
 Site codes (constexpr ``REC``, ``CELL``): 0 identity, 1 affine, 2 batch statistics, 3 row
 statistics (layer or RMS; ``CENTER`` tells them apart). Input modes (``IN_MODE``): 0 the terms
@@ -110,9 +113,10 @@ BACKWARD_SLOTS = 33
 TABLE_CHUNK = 8  #: pointers written per launch of :func:`write_table`
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start"], do_not_specialize_on_alignment=["p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7"])
 def write_table(table, start, p0, p1, p2, p3, p4, p5, p6, p7):
-    """``table[start + i] = address of p_i``: the buffers of this call, for the kernels and graphs that read the table."""
+    """``table[start + i] = address of p_i``: the buffers of this call, for the kernels and graphs that
+    read the table. One compiled variant whatever the offsets and alignments of the buffers."""
     tl.store(table + start + 0, p0.to(tl.int64, bitcast=True))
     tl.store(table + start + 1, p1.to(tl.int64, bitcast=True))
     tl.store(table + start + 2, p2.to(tl.int64, bitcast=True))
@@ -288,7 +292,7 @@ def _gate_preactivation(
     return z
 
 
-@triton.jit(do_not_specialize=["t", "s"])
+@triton.jit(do_not_specialize=["t", "s", "B", "H"])
 def forward_step(
     table, t, s, B, H,
     DT: tl.constexpr, OP_DT: tl.constexpr, ROUND: tl.constexpr, INTERPRET: tl.constexpr,
@@ -418,7 +422,7 @@ def forward_step(
         tl.store(_p(table, F_H_OP, OP_DT) + nxt * state + hoffs, _operand(h_carry, ROUND, INTERPRET), mask=tmask)
 
 
-@triton.jit(do_not_specialize=["src_off", "dst_off", "rstd_off"])
+@triton.jit(do_not_specialize=["src_off", "dst_off", "rstd_off", "R", "F"])
 def row_normalize(
     table, SRC: tl.constexpr, src_off, DST: tl.constexpr, dst_off, RSTD: tl.constexpr, rstd_off,
     EPS: tl.constexpr, EPS_INDEX: tl.constexpr, R, F,
@@ -453,7 +457,7 @@ def row_normalize(
     tl.store(_p(table, RSTD, DT) + rstd_off + rows, rstd, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "F"])
 def batch_normalize_steps(
     table, U: tl.constexpr, RSTD: tl.constexpr, MEAN: tl.constexpr, VAR: tl.constexpr, SCALE: tl.constexpr, EPS_INDEX: tl.constexpr,
     B, F, DT: tl.constexpr, WEIGHTS_PER_STEP: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr,
@@ -502,7 +506,7 @@ def _recurrent_grad(
         tl.store(_p(table, B_DR_OP, OP_DT) + slot + offs, _operand(dr, ROUND, INTERPRET), mask=tmask)
 
 
-@triton.jit(do_not_specialize=["t", "has_next"])
+@triton.jit(do_not_specialize=["t", "has_next", "B", "H"])
 def backward_step(
     table, t, has_next, B, H,
     DT: tl.constexpr, OP_DT: tl.constexpr, ROUND: tl.constexpr, INTERPRET: tl.constexpr,
@@ -609,7 +613,7 @@ def backward_step(
         _recurrent_grad(table, dz_o, 3, t, B, H, rows, units, umask, tmask, w, m, DT, OP_DT, ROUND, INTERPRET, REC, REC_SCALE_PER_STEP, MASKED)
 
 
-@triton.jit(do_not_specialize=["dy_off", "xhat_off", "rstd_off", "out_off", "out2_off"])
+@triton.jit(do_not_specialize=["dy_off", "xhat_off", "rstd_off", "out_off", "out2_off", "R", "F"])
 def row_backward(
     table, DY: tl.constexpr, dy_off, XHAT: tl.constexpr, xhat_off, RSTD: tl.constexpr, rstd_off, GAMMA: tl.constexpr,
     OUT: tl.constexpr, out_off, OUT2: tl.constexpr, out2_off, R, F,
@@ -650,7 +654,7 @@ def row_backward(
             tl.store(_p(table, OUT2, OP_DT) + out2_off + row_offs + cols[None, :], _operand(du, ROUND, INTERPRET), mask=tile)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "F"])
 def batch_backward_steps(
     table, B, F, DT: tl.constexpr, MASKED: tl.constexpr, WEIGHTS_PER_STEP: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
