@@ -230,7 +230,7 @@ def test_captured_loops_replay_with_each_calls_buffers():
         x = torch.randn(12, 8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(call))
         lengths = torch.tensor([12, 12 - call, 7, 12, 3 + call, 12, 9, 12])
         _assert_close(_run(reference, x, lengths), _run(model, x, lengths), RTOL_32)
-        modes.append(sorted(p.mode for p in GRAPHS._programs.values()))
+        modes.append(sorted(p.mode for p in GRAPHS.programs()))
     assert modes[0] == ["launched", "launched"]  # forward and backward, first call: warm-up
     assert modes[1:] == [["replayed", "replayed"]] * 3
 
@@ -271,7 +271,7 @@ def test_loops_are_cached_per_plan_and_launched_on_the_cpu():
     with torch.no_grad():
         for steps in (4, 4, 5):
             model(torch.randn(3, steps, 2))
-    programs = list(GRAPHS._programs.values())
+    programs = list(GRAPHS.programs())
     assert [p.calls for p in programs] == [2, 1]  # T = 4 twice, then T = 5
     assert all(p.mode == "launched" and p.graph is None for p in programs)
 

@@ -29,7 +29,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -46,7 +46,7 @@ class Program:
     calls: int = 0  #: how many times it ran
     graph: torch.cuda.CUDAGraph | None = None
     failed: str | None = None  #: why capturing failed, if it did
-    mode: str = field(default="launched")  #: how the last call ran: "launched" or "replayed"
+    mode: str = "launched"  #: how the last call ran: "launched" or "replayed"
 
 
 class GraphCache:
@@ -72,6 +72,11 @@ class GraphCache:
                     self._programs.popitem(last=False)
             self._programs.move_to_end(key)
             return program
+
+    def programs(self) -> tuple[Program, ...]:
+        """The cached programs, least recently used first."""
+        with self._lock:
+            return tuple(self._programs.values())
 
     def clear(self) -> None:
         """Forget every program (their workspaces and graphs)."""

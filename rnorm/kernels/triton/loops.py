@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton.language as tl
 from torch import Tensor
 
 from rnorm.kernels.backward import allocate_grad_buffers, finish
@@ -29,22 +30,19 @@ from rnorm.kernels.buffers import SITES, allocate_outputs, site_buffers
 from rnorm.kernels.schema import BackwardArgs, Gradients, RecurrenceArgs, RecurrenceOutputs, present
 from rnorm.kernels.triton import kernels as k
 from rnorm.kernels.triton.graphs import GRAPHS, Program, stream_key
-from rnorm.kernels.triton.plan import BackwardPlan, ForwardPlan
+from rnorm.kernels.triton.plan import BackwardPlan, ForwardPlan, pow2
 from rnorm.kernels.triton.products import matmul, to_operand
 
 __all__ = ["INTERPRET", "backward", "forward"]
 
-#: Whether the kernels were loaded under Triton's interpreter (decided when ``triton.jit`` ran).
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+#: Whether the kernels were loaded as Triton's interpreter runs them (``triton.jit`` decides when it
+#: decorates them, from ``TRITON_INTERPRET``).
+INTERPRET = type(k.forward_step).__name__ == "InterpretedFunction"
 
-_DTYPES = {torch.float32: k.tl.float32, torch.float64: k.tl.float64, torch.bfloat16: k.tl.bfloat16, torch.float16: k.tl.float16}
+_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 #: Rows per program and features per chunk of the row kernels; columns per program of the batch kernels.
 _ROWS, _FEATURES, _TILE = 8, 256, 2048
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -63,14 +61,14 @@ def _bind(table: Tensor, buffers: dict[int, Tensor | None], slots: int, dummy: T
 
 
 def _row_launch(plan, rows: int, features: int) -> tuple[tuple[int], dict]:  # noqa: ANN001
-    block_f = min(_FEATURES, _pow2(features))
+    block_f = min(_FEATURES, pow2(features))
     return (_cdiv(rows, _ROWS),), dict(DT=_DTYPES[plan.dtype], BR=_ROWS, BF=block_f)
 
 
 def _column_block(batch: int, features: int) -> tuple[int, int]:
     """``(BB, BC)`` of the whole-batch column kernels."""
-    block_batch = _pow2(batch)
-    return block_batch, max(1, min(64, _pow2(features), _TILE // block_batch))
+    block_batch = pow2(batch)
+    return block_batch, max(1, min(64, pow2(features), _TILE // block_batch))
 
 
 def _step_constants(plan: ForwardPlan | BackwardPlan) -> dict:

@@ -28,7 +28,7 @@ _TILE = 2048
 _HALF = {"bf16": (torch.bfloat16, 1), "fp16": (torch.float16, 2)}
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
     """The smallest power of two ``>= n`` (``>= 1``)."""
     return 1 << max(0, (n - 1).bit_length())
 
@@ -98,9 +98,9 @@ def _center(kind: str) -> bool:
 def _common(args: RecurrenceArgs | BackwardArgs, dtype: torch.dtype, steps: int, batch: int, hidden: int, *, inline_allowed: bool, interpret: bool) -> dict:
     """The fields of :class:`_Common` for ``args``, in ``dtype``, with ``steps`` × ``batch`` × ``hidden``."""
     half, round_code = _HALF.get(args.precision, (None, 0))
-    block_batch = max(16, _pow2(batch))
+    block_batch = max(16, pow2(batch))
     inline = inline_allowed and hidden <= INLINE_MAX_HIDDEN and block_batch <= 128
-    block_hidden = 16 if inline else max(1, min(64, _pow2(hidden), _TILE // block_batch))
+    block_hidden = 16 if inline else max(1, min(64, pow2(hidden), _TILE // block_batch))
     hidden_scale = args.hidden_scale
     return dict(
         device=str(args.source.device),
