@@ -37,7 +37,7 @@ SHARED_LIMIT = 227 * 1024
 SHAPES = {"pmnist": (3, 64, 1, 100), "ptb": (3, 64, 50, 1000), "text8": (3, 128, 27, 2000)}
 
 
-def _load_kernels():  # noqa: ANN202
+def _load_kernels():
     """rnorm/kernels/triton/kernels.py as compiled (not interpreted) JIT functions, imported on its own."""
     spec = importlib.util.spec_from_file_location("rnorm_triton_kernels_compiled", KERNELS_FILE)
     module = importlib.util.module_from_spec(spec)
@@ -74,11 +74,11 @@ def record(norms: list[str], shapes: list[str]) -> list[dict]:
     launches: dict[str, dict] = {}
 
     class Recorder:
-        def __init__(self, name: str, fn) -> None:  # noqa: ANN001
+        def __init__(self, name: str, fn) -> None:
             self.name, self.fn = name, fn
 
-        def __getitem__(self, grid):  # noqa: ANN001, ANN204
-            def launch(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs) -> None:
                 parameters = inspect.signature(self.fn.fn).parameters
                 values = dict(zip(parameters, args)) | kwargs
                 constexprs = {n: values[n] for n, p in parameters.items() if p.annotation in (tl.constexpr, "tl.constexpr")}
@@ -151,7 +151,7 @@ def compile_all(launches: list[dict], arch: int) -> int:
             if shared > SHARED_LIMIT:
                 failed += 1
                 status = f"FAILED: {shared} bytes of shared memory, over the {SHARED_LIMIT} a Hopper block may have"
-        except Exception as error:  # noqa: BLE001 - report every failure, then exit 1
+        except Exception as error:  # any failure: report it, go on, exit 1 at the end
             failed += 1
             status = f"FAILED: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         flags = ", ".join(f"{n}={v}" for n, v in launch["constexprs"].items() if not isinstance(v, dict))

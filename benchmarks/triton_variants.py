@@ -46,7 +46,7 @@ def variant(graphs: bool, inline: bool, tf32: bool) -> Iterator[None]:
         GRAPHS.clear()
 
 
-def median_ms(call, repeats: int, warmup: int) -> float:  # noqa: ANN001
+def median_ms(call, repeats: int, warmup: int) -> float:
     for _ in range(warmup):
         call()
     times = []

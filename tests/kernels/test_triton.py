@@ -1,8 +1,8 @@
 """The Triton kernels (``impl="triton"``) compute what the reference loop computes.
 
 Where CUDA is available they run compiled on the GPU; elsewhere (CI) they run on CPU tensors in
-Triton's interpreter, ``TRITON_INTERPRET=1``, which executes the same ``@triton.jit`` code with numpy
-(float64 included, ``tl.dot`` too). The interpreter is slow, so the shapes are small (T 5–20, H 16–64,
+Triton's interpreter, ``TRITON_INTERPRET=1`` (tests/conftest.py sets it before anything imports
+triton), which executes the same ``@triton.jit`` code with numpy (float64 included, ``tl.dot`` too). The interpreter is slow, so the shapes are small (T 5–20, H 16–64,
 B 4–32) and the matrix is lean: every step kind on every site at least once, padded and not, with
 the backward; population statistics, bidirectional layers, evaluation past T_max, the no-grad path,
 the product computed by the kernels (``tl.dot``) and by torch.mm, bf16 products.
@@ -18,13 +18,13 @@ loop 3.4e-5 at the same shape) and 1e-5 for ``bn``, far from the order-1 errors 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
 from rnorm import kernels, norms
 from rnorm.kernels import op
+from rnorm.kernels import triton as triton_kernels
 from rnorm.kernels.triton import plan as triton_plan
 from rnorm.nn import NormLSTM
 
@@ -36,14 +36,8 @@ EXACT = pytest.mark.skipif(DEVICE != "cpu", reason="float64 runs the Triton kern
 RTOL_64, RTOL_32 = 1e-9, 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    """On the CPU the kernels run in Triton's interpreter: ``TRITON_INTERPRET=1`` before their first
-    use (``triton.jit`` reads it when the kernels module is imported), for this module's tests only."""
-    with pytest.MonkeyPatch.context() as patch:
-        if DEVICE == "cpu":
-            patch.setenv("TRITON_INTERPRET", "1")
-        yield
+if DEVICE == "cpu" and not triton_kernels.interpreting():
+    pytestmark = pytest.mark.skip(reason="TRITON_INTERPRET=1 must be set before triton is first imported (tests/conftest.py sets it)")
 
 
 class _RootMeanSquare(norms.Normalizer):
@@ -54,7 +48,7 @@ class _RootMeanSquare(norms.Normalizer):
         self.gamma = torch.nn.Parameter(torch.linspace(0.5, 1.5, num_features))
         self.beta = torch.nn.Parameter(torch.linspace(-0.2, 0.2, num_features))
 
-    def step(self, x, t, mask=None):  # noqa: ANN001, ANN201
+    def step(self, x, t, mask=None):
         return self.gamma * x / torch.sqrt((x * x).sum(-1, keepdim=True) / x.shape[-1] + 1e-3) + self.beta
 
     def fused_step(self, num_steps: int) -> norms.FusedStep:
@@ -99,7 +93,7 @@ def _assert_close(expected: dict, actual: dict, rtol: float) -> None:
     assert not bad, f"the Triton kernels differ from the reference: {bad}"
 
 
-def _compare(sites, dtype: torch.dtype, rtol: float, *, steps: int, batch: int, input_size: int = 3, lengths=None, evaluate: bool = False, **kwargs) -> None:  # noqa: ANN001, ANN003
+def _compare(sites, dtype: torch.dtype, rtol: float, *, steps: int, batch: int, input_size: int = 3, lengths=None, evaluate: bool = False, **kwargs) -> None:
     reference, model = _pair(sites, dtype, input_size=input_size, **kwargs)
     x = torch.randn(steps, batch, input_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     if evaluate:  # population statistics from a training pass, then evaluation on a longer sequence
@@ -283,7 +277,7 @@ def test_layer_spec_runs_on_the_triton_kernels():
     calls = []
     real = loops.forward
 
-    def counted(args):  # noqa: ANN001, ANN202
+    def counted(args):
         calls.append(args.precision)
         return real(args)
 

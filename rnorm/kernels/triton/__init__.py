@@ -46,7 +46,7 @@ def interpreting() -> bool:
 def _import_error() -> str | None:
     try:
         import triton  # noqa: F401
-    except Exception as error:  # noqa: BLE001 - any failure to import means the kernels cannot run
+    except Exception as error:  # any failure to import means the kernels cannot run
         return f"importing triton failed ({type(error).__name__}: {error})"
     return None
 

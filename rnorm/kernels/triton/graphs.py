@@ -95,7 +95,7 @@ class GraphCache:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     program.launch()
-            except Exception as error:  # noqa: BLE001 - any capture failure falls back, once, loudly
+            except Exception as error:  # any capture failure falls back, once, loudly
                 program.failed = f"{type(error).__name__}: {error}"
                 warnings.warn(
                     f"rnorm: capturing the Triton time loop in a CUDA graph failed ({program.failed}); "

@@ -60,7 +60,7 @@ def _bind(table: Tensor, buffers: dict[int, Tensor | None], slots: int, dummy: T
         k.write_table[(1,)](table, start, *tensors[start : start + k.TABLE_CHUNK])
 
 
-def _row_launch(plan, rows: int, features: int) -> tuple[tuple[int], dict]:  # noqa: ANN001
+def _row_launch(plan: ForwardPlan | BackwardPlan, rows: int, features: int) -> tuple[tuple[int], dict]:
     block_f = min(_FEATURES, pow2(features))
     return (_cdiv(rows, _ROWS),), dict(DT=_DTYPES[plan.dtype], BR=_ROWS, BF=block_f)
 
@@ -204,9 +204,9 @@ def _normalize_input(plan: ForwardPlan, table: Tensor) -> None:
         k.row_normalize[grid](table, k.F_IN_V, 0, k.F_IN_V, 0, k.F_IN_RSTD, 0, k.F_EPS, 0, T * B, G, CENTER=plan.input_center, **meta)
 
 
-def _forward_buffers(args: RecurrenceArgs, plan: ForwardPlan, outputs: RecurrenceOutputs, states_h: Tensor | None) -> dict[int, Tensor | None]:
+def _forward_buffers(args: RecurrenceArgs, plan: ForwardPlan, outputs: RecurrenceOutputs) -> dict[int, Tensor | None]:
     """The call's buffers by forward slot (the workspace's are added by the caller)."""
-    T, B, H = plan.steps, plan.batch, plan.hidden
+    B, H = plan.batch, plan.hidden
     new = args.source.new_empty
     saved = outputs.saved
     sites = {site: site_buffers(args, outputs, site, scratch=not args.save) for site in SITES}
@@ -246,7 +246,7 @@ def forward(args: RecurrenceArgs) -> RecurrenceOutputs:
     outputs, states_h = allocate_outputs(args)
     plan = ForwardPlan.of(args, interpret=INTERPRET)
     device = args.source.device
-    buffers = _forward_buffers(args, plan, outputs, states_h)
+    buffers = _forward_buffers(args, plan, outputs)
     program = GRAPHS.program(("forward", plan, stream_key(device)), lambda: _forward_program(plan, args.source))
     ws = program.workspace
     buffers.update({k.F_H_STATE: ws["h_state"], k.F_C_STATE: ws["c_state"], k.F_H_OP: ws["h_op"], k.F_WT_OP: ws["wt_op"]})
