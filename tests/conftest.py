@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels' tests (tests/kernels/test_triton.py) run in Triton's interpreter,
+# which has to be chosen before triton is first imported: triton.jit decides then, for triton's own
+# library functions too, and torch imports triton by itself (torch.library.opcheck, torch.compile).
+# It changes nothing else on the CPU: only Triton kernels read it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

@@ -21,11 +21,13 @@ kind of :data:`STEP_KINDS` with its tensors) and calls :func:`lstm_layer`.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from rnorm.kernels import native
 from rnorm.kernels.kinds import STEP_KINDS, StepKind, get_kind
 from rnorm.kernels.op import BACKENDS, lstm_recurrence, resolve_backend
+from rnorm.kernels.precision import autocast_dtype, products_precision
 from rnorm.kernels.prepare import prepare
 from rnorm.kernels.schema import present
 from rnorm.kernels.spec import LayerResult, LayerSpec, SiteSpec, SiteStatistics
@@ -62,11 +64,25 @@ def lstm_layer(
         ``output`` ``(T, B, H)``, ``h_n``, ``c_n`` ``(B, H)`` at each sequence's last real step, and the
         training statistics of each ``batch`` or ``sequence`` site (for population statistics).
 
+    Under ``torch.autocast`` the op runs in the weights' dtype (``x``, ``h0``, ``c0`` cast to it, the
+    preparation with autocast off) and its products' operands take the autocast dtype
+    (:mod:`rnorm.kernels.precision`): float32 states, statistics and sums, a float32 output.
+
     Raises:
         ValueError: a description or tensor that does not fit (what was expected, what was given).
     """
+    precision = None
+    if autocast_dtype(x.device.type) is not None:
+        dtype = spec.recurrent_weight.dtype
+        precision = products_precision(x.device, dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return _layer(spec, x.to(dtype), h0.to(dtype), c0.to(dtype), mask, backend, precision)
+    return _layer(spec, x, h0, c0, mask, backend, precision)
+
+
+def _layer(spec: LayerSpec, x: Tensor, h0: Tensor, c0: Tensor, mask: Tensor | None, backend: str, precision: str | None) -> LayerResult:
     spec.check(x, h0, c0, mask)
-    args, statistics = prepare(spec, x, h0, c0, mask, backend)
+    args, statistics = prepare(spec, x, h0, c0, mask, backend, precision)
     outputs = lstm_recurrence(args)
     for site in ("input", "recurrent", "cell"):
         mean = getattr(outputs.statistics, f"{site}_mean")

@@ -7,8 +7,10 @@ them its results' shapes), with a registered autograd formula, and one implement
 device    implementation
 ========  =====================================================================================
 CPU       the compiled kernels (:mod:`rnorm.kernels.native`) for float32/float64 without
-          synchronized statistics, else the torch-ops loop (:mod:`rnorm.kernels.torch_loop`)
-CUDA      the torch-ops loop (the slot where a GPU implementation registers)
+          synchronized statistics, else the torch-ops loop (:mod:`rnorm.kernels.torch_loop`);
+          the Triton kernels in Triton's interpreter when forced (``backend="triton"``, tests)
+CUDA      the Triton kernels (:mod:`rnorm.kernels.triton`) where they run (float32, Triton
+          installed, no synchronized statistics), else the torch-ops loop
 other     the torch-ops loop
 ========  =====================================================================================
 
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 
 from rnorm.kernels import native, torch_loop
+from rnorm.kernels import triton as triton_kernels
 from rnorm.kernels.buffers import allocate_outputs
 from rnorm.kernels.schema import (
     BackwardArgs,
@@ -45,8 +48,9 @@ from rnorm.kernels.schema import (
 __all__ = ["BACKENDS", "lstm_recurrence", "resolve_backend"]
 
 #: What ``backend`` may ask for: ``auto`` (the best implementation for the device), ``native`` (the
-#: compiled CPU kernels; an error where they cannot run) or ``torch`` (the torch-ops loop anywhere).
-BACKENDS = ("auto", "native", "torch")
+#: compiled CPU kernels; an error where they cannot run), ``torch`` (the torch-ops loop anywhere) or
+#: ``triton`` (the Triton kernels: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``; an error elsewhere).
+BACKENDS = ("auto", "native", "torch", "triton")
 
 FORWARD = "rnorm::lstm_recurrence"
 BACKWARD = "rnorm::lstm_recurrence_backward"
@@ -58,15 +62,26 @@ torch.library.define(BACKWARD_INPLACE, op_schema(BackwardArgs, Gradients, mutati
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, synchronized: bool) -> str:
-    """The implementation that runs: ``"native"`` or ``"torch"``.
+    """The implementation that runs: ``"native"``, ``"triton"`` or ``"torch"``.
+
+    ``auto`` on CUDA is the Triton kernels where they run. (Models that are a plain LSTM after their
+    weight transform can be sent to cuDNN before the op is reached: that dispatch belongs to
+    :mod:`rnorm.nn.dispatch`, ahead of this one.)
 
     Raises:
         ValueError: an unknown ``backend``.
-        RuntimeError: ``backend="native"`` where the compiled kernels cannot run (says why).
+        RuntimeError: ``backend="native"`` or ``"triton"`` where those kernels cannot run (says why).
     """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown fused recurrence backend {backend!r}. Available: {', '.join(BACKENDS)}.")
     if backend == "torch":
+        return "torch"
+    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+        reason = triton_kernels.unsupported(device, dtype, synchronized)
+        if reason is None:
+            return "triton"
+        if backend == "triton":
+            raise RuntimeError(f"backend='triton': the Triton kernels cannot run: {reason}. Use backend 'auto' or 'torch'.")
         return "torch"
     reason = None
     if device.type != "cpu" or dtype not in (torch.float32, torch.float64):
@@ -92,23 +107,51 @@ def lstm_recurrence(args: RecurrenceArgs) -> RecurrenceOutputs:
 # -- implementations ------------------------------------------------------------------------------
 
 
+def _chosen(args: RecurrenceArgs | BackwardArgs) -> str:
+    """:func:`resolve_backend` for the op's arguments, and the batch size the Triton kernels take."""
+    source = args.source
+    chosen = resolve_backend(args.backend, source.device, source.dtype, args.synchronized)
+    if chosen == "triton":
+        reason = triton_kernels.unsupported_batch(source.shape[1])
+        if reason is not None:
+            if args.backend == "triton":
+                raise RuntimeError(f"backend='triton': the Triton kernels cannot run: {reason}. Use backend 'auto' or 'torch'.")
+            return "torch"
+    return chosen
+
+
+def _no_autocast(tensor: Tensor) -> torch.autocast:
+    """Autocast off inside an implementation: its buffers are the op's dtype (the op's precision is
+    ``args.precision``), also when a backward runs inside an autocast region."""
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
 def _forward(args: RecurrenceArgs, device_backend: str) -> RecurrenceOutputs:
     if device_backend == "native":
         return native.forward(args)
+    if device_backend == "triton":
+        return triton_kernels.forward(args)
     return torch_loop.forward(args)
 
 
 def _forward_cpu(*flat: object) -> tuple[Tensor, ...]:
     args = from_flat(RecurrenceArgs, flat)
-    chosen = resolve_backend(args.backend, args.source.device, args.source.dtype, args.synchronized)
-    with torch.no_grad(), native.denormals_flushed():
+    chosen = _chosen(args)
+    with torch.no_grad(), _no_autocast(args.source), native.denormals_flushed():
+        return tuple(to_flat(_forward(args, chosen)))
+
+
+def _forward_cuda(*flat: object) -> tuple[Tensor, ...]:
+    args = from_flat(RecurrenceArgs, flat)
+    chosen = _chosen(args)
+    with torch.no_grad(), _no_autocast(args.source):
         return tuple(to_flat(_forward(args, chosen)))
 
 
 def _forward_any(*flat: object) -> tuple[Tensor, ...]:
     args = from_flat(RecurrenceArgs, flat)
     resolve_backend(args.backend, args.source.device, args.source.dtype, args.synchronized)  # checks the name
-    with torch.no_grad():
+    with torch.no_grad(), _no_autocast(args.source):
         return tuple(to_flat(torch_loop.forward(args)))
 
 
@@ -119,23 +162,37 @@ def _forward_fake(*flat: object) -> tuple[Tensor, ...]:
 
 torch.library.impl(FORWARD, "CompositeExplicitAutograd", _forward_any)
 torch.library.impl(FORWARD, "cpu", _forward_cpu)
+torch.library.impl(FORWARD, "cuda", _forward_cuda)
 torch.library.register_fake(FORWARD, _forward_fake)
+
+
+def _backward_with(args: BackwardArgs, chosen: str, reuse: bool) -> Gradients:
+    if chosen == "native":
+        return native.backward(args, reuse=reuse)
+    if chosen == "triton":
+        return triton_kernels.backward(args)  # writes no saved buffer: the in-place form is the functional one
+    return torch_loop.backward(args)
 
 
 def _backward_impl(reuse: bool):
     def cpu(*flat: object) -> tuple[Tensor, ...]:
         args = from_flat(BackwardArgs, flat)
-        chosen = resolve_backend(args.backend, args.source.device, args.source.dtype, args.synchronized)
-        with torch.no_grad(), native.denormals_flushed():
-            grads = native.backward(args, reuse=reuse) if chosen == "native" else torch_loop.backward(args)
-        return tuple(to_flat(grads))
+        with torch.no_grad(), _no_autocast(args.source), native.denormals_flushed():
+            return tuple(to_flat(_backward_with(args, _chosen(args), reuse)))
 
     return cpu
 
 
+def _backward_cuda(*flat: object) -> tuple[Tensor, ...]:
+    args = from_flat(BackwardArgs, flat)
+    with torch.no_grad(), _no_autocast(args.source):
+        return tuple(to_flat(_backward_with(args, _chosen(args), reuse=False)))
+
+
 def _backward_any(*flat: object) -> tuple[Tensor, ...]:
-    with torch.no_grad():
-        return tuple(to_flat(torch_loop.backward(from_flat(BackwardArgs, flat))))
+    args = from_flat(BackwardArgs, flat)
+    with torch.no_grad(), _no_autocast(args.source):
+        return tuple(to_flat(torch_loop.backward(args)))
 
 
 def _backward_fake(*flat: object) -> tuple[Tensor, ...]:
@@ -168,6 +225,7 @@ def _backward_fake(*flat: object) -> tuple[Tensor, ...]:
 for _name, _reuse in ((BACKWARD, False), (BACKWARD_INPLACE, True)):
     torch.library.impl(_name, "CompositeExplicitAutograd", _backward_any)
     torch.library.impl(_name, "cpu", _backward_impl(_reuse))
+    torch.library.impl(_name, "cuda", _backward_cuda)
     torch.library.register_fake(_name, _backward_fake)
 
 
@@ -193,6 +251,7 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
         "cell_kind": args.cell_kind,
         "synchronized": args.synchronized,
         "backend": args.backend,
+        "precision": args.precision,
     }
     ctx.input_fields = [name for name in RecurrenceArgs.__dataclass_fields__]
     ctx.buffers_consumed = False

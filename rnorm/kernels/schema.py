@@ -88,7 +88,8 @@ class RecurrenceArgs:
     eps: list[float]  #: input, recurrent, cell
     synchronized: bool  #: batch statistics all-reduced over the default process group at each step
     save: bool  #: keep what the backward reads (training with gradients)
-    backend: str  #: ``"auto"``, ``"native"`` or ``"torch"`` (see :func:`rnorm.kernels.op.resolve_backend`)
+    backend: str  #: one of :data:`rnorm.kernels.op.BACKENDS` (see :func:`rnorm.kernels.op.resolve_backend`)
+    precision: str  #: the products' operand precision (:mod:`rnorm.kernels.precision`): ieee, tf32, bf16, fp16
 
 
 @dataclasses.dataclass
@@ -166,6 +167,7 @@ class BackwardArgs:
     cell_kind: str
     synchronized: bool
     backend: str
+    precision: str  #: the forward's
 
 
 @dataclasses.dataclass

@@ -119,10 +119,12 @@ def fused_layer(
 #: :func:`reference_layer` does. ``fused`` is the op of :mod:`rnorm.kernels` with the best
 #: implementation for the device (the compiled kernels on CPU where built); ``fused_torch`` the same
 #: op with its torch-ops loop everywhere (allows backward through one graph more than once);
-#: ``reference`` the per-step loop of the papers' equations.
+#: ``triton`` the same op with the Triton kernels (CUDA; CPU tensors under ``TRITON_INTERPRET=1``;
+#: an error naming the reason elsewhere); ``reference`` the per-step loop of the papers' equations.
 RECURRENCES: dict[str, Recurrence] = {
     "fused": fused_layer,
     "fused_torch": partial(fused_layer, backend="torch"),
+    "triton": partial(fused_layer, backend="triton"),
     "reference": reference_layer,
 }
 

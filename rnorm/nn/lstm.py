@@ -41,9 +41,11 @@ class NormLSTM(nn.Module):
         forget_bias: initial forget-gate bias.
         impl: the recurrence implementation: ``fused`` (default: the op of :mod:`rnorm.kernels`,
             its per-step work in the compiled CPU kernels where they are built; the reference loop
-            for strategies without a fused form), ``fused_torch`` (the same op with torch operations
-            per step; allows backward through one graph more than once) or ``reference`` (the
-            per-step loop of the papers' equations); see :data:`rnorm.nn.dispatch.RECURRENCES`.
+            for strategies without a fused form; the Triton kernels on CUDA), ``fused_torch`` (the
+            same op with torch operations per step; allows backward through one graph more than
+            once), ``triton`` (the same op with the Triton kernels, forced: CUDA, or CPU tensors under
+            ``TRITON_INTERPRET=1``) or ``reference`` (the per-step loop of the papers' equations);
+            see :data:`rnorm.nn.dispatch.RECURRENCES`.
 
     Example:
         >>> import torch
