@@ -1,4 +1,9 @@
-"""Builds rnorm's optional CPU kernels; everything else about the package is in pyproject.toml.
+"""Builds rnorm's optional CPU kernels and lists its packages; the rest is in pyproject.toml.
+
+The packages are rnorm's own (found under ``rnorm/``) plus ``rnorm.configs``, which is the
+top-level ``configs/`` folder mapped into the package, so that an installed rnorm (a wheel or an
+editable install) carries its configurations; pyproject.toml cannot combine found packages with a
+mapped one.
 
 ``rnorm.kernels._fused_step`` (rnorm/kernels/csrc/fused_step.cpp) does the per-step elementwise work of the
 fused LSTM recurrence. It uses only the Python C API (no torch headers), so it builds in seconds
@@ -11,7 +16,7 @@ makes the test suite fail instead (tests/kernels/test_native.py).
 import hashlib
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
 SOURCE = "rnorm/kernels/csrc/fused_step.cpp"
 # The source's hash, compiled in: rnorm.kernels.native ignores (with a warning) a build whose source has
@@ -19,6 +24,8 @@ SOURCE = "rnorm/kernels/csrc/fused_step.cpp"
 SOURCE_SHA = hashlib.sha256((Path(__file__).parent / SOURCE).read_bytes()).hexdigest()[:16]
 
 setup(
+    packages=[*find_packages(include=["rnorm", "rnorm.*"]), "rnorm.configs"],
+    package_dir={"rnorm.configs": "configs"},
     ext_modules=[
         Extension(
             "rnorm.kernels._fused_step",

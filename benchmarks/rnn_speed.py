@@ -41,15 +41,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from rnorm import norms
-from rnorm.data.download import atomic_write_bytes
-from rnorm.kernels import native
+from rnorm.kernels import native, resolve_backend
 from rnorm.nn import RECURRENCES, NormLSTM
+from rnorm.utils.atomic import atomic_write_bytes
 
 #: name -> (T, B, D, H): sequence length, batch, input features, hidden units.
 SHAPES = {
@@ -91,6 +90,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--loss", default="sum", choices=LOSSES, help="what train mode backpropagates (default: sum)")
     parser.add_argument("--init", default="default", choices=INITS, help="weight initialization (default: each layer's own)")
     parser.add_argument("--input", default="normal", choices=INPUTS, help="input distribution (default: standard normal)")
+    parser.add_argument("--tf32", action="store_true", help="set torch.backends.cuda.matmul.allow_tf32 (TF32 products, as cuDNN's default)")
     parser.add_argument(
         "--impl",
         default="fused",
@@ -139,6 +139,10 @@ def machine_info(device: torch.device) -> dict[str, object]:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         # whether impl="fused" did its per-step work in the compiled CPU kernels (rnorm.kernels._fused_step)
         "compiled_kernels": native.available() and device.type == "cpu",
+        # what impl="fused" runs for float32 here: "native", "triton" or "torch"
+        "fused_backend": resolve_backend("auto", device, torch.float32, False),
+        # the float32 products' TF32 settings: ours follow matmul's, cuDNN's LSTM cudnn's
+        "allow_tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
     }
 
 
@@ -280,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device(args.device)
     started = time.perf_counter()
     results = []
@@ -291,8 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"  {name} {shape} {mode} {result['impl']}: ratio {result['ratio']:.2f}", file=sys.stderr, flush=True)
     print(format_table(results))
     if "fused" in args.impl:
-        compiled = native.available() and device.type == "cpu"
-        print("fused per-step work: " + ("compiled CPU kernels (rnorm.kernels._fused_step)" if compiled else "torch operations"))
+        work = {"native": "compiled CPU kernels (rnorm.kernels._fused_step)", "triton": "Triton kernels (rnorm.kernels.triton)", "torch": "torch operations"}
+        print("fused per-step work: " + work[resolve_backend("auto", device, torch.float32, False)] + " (torch's LSTM where it is faster: docs/performance.md)")
     print(f"loss {args.loss}, init {args.init}, input {args.input}")
     elapsed = time.perf_counter() - started
     print(f"total {elapsed:.0f} s")

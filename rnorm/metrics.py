@@ -29,7 +29,7 @@ class BitsPerCharacter(Metric):
     higher_is_better = False
     full_state_update = False
 
-    def __init__(self, **kwargs) -> None:  # noqa: ANN003 - torchmetrics' Metric options
+    def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.add_state("nats", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from rnorm.cli import RnormCLI
+from rnorm.lightning_cli import RnormCLI
 
 CONFIG = {
     "seed_everything": 0,
@@ -70,7 +70,7 @@ def _run(tmp_path: Path, name: str, *args: str, **overrides) -> RnormCLI:
 def test_resumed_run_reaches_the_same_model_as_an_uninterrupted_one(tmp_path):
     straight = _run(tmp_path, "straight", "fit", max_epochs=3)
     _run(tmp_path, "first", "fit", max_epochs=1)
-    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    checkpoint = tmp_path / "first" / "version_0" / "checkpoints" / "last.ckpt"
     resumed = _run(tmp_path, "resumed", "fit", "--ckpt_path", str(checkpoint), max_epochs=3)
 
     expected, got = straight.model.state_dict(), resumed.model.state_dict()
@@ -84,7 +84,7 @@ def test_resumed_run_reaches_the_same_model_as_an_uninterrupted_one(tmp_path):
 
 def test_test_in_a_fresh_process_uses_everything_the_checkpoint_carries(tmp_path):
     fitted = _run(tmp_path, "fit", "fit", max_epochs=1)
-    checkpoint = tmp_path / "fit" / "checkpoints" / "last.ckpt"
+    checkpoint = tmp_path / "fit" / "version_0" / "checkpoints" / "last.ckpt"
     in_process = fitted.trainer.test(fitted.model, datamodule=fitted.datamodule, ckpt_path=str(checkpoint), verbose=False)[0]
 
     # A fresh process, and a config that asks for another permutation: the checkpoint's wins.

@@ -23,11 +23,10 @@ import torch
 import yaml
 
 from rnorm import cli as cli_module
-from rnorm import norms
+from rnorm import lightning_cli, norms
 from rnorm.callbacks import PopulationStatistics
 from rnorm.data import text as text_module
 from rnorm.data import write_idx, write_synthetic_corpus
-from rnorm.data.idx import IDXFormatError
 from rnorm.data.mnist import MNIST_FILES
 from rnorm.norms import BatchStatisticsNorm
 
@@ -64,7 +63,7 @@ def _console(monkeypatch, tmp_path, one_thread):
     monkeypatch.chdir(tmp_path)
 
 
-class RecordingCLI(cli_module.RnormCLI):
+class RecordingCLI(lightning_cli.RnormCLI):
     """``RnormCLI`` that keeps itself and the metrics logged by ``fit`` (``after_fit`` then tests)."""
 
     last: RecordingCLI | None = None
@@ -81,7 +80,7 @@ class RecordingCLI(cli_module.RnormCLI):
 
 def _run(monkeypatch, args: list[str]) -> RecordingCLI:
     """``rnorm.cli.main(args)`` with the CLI object kept; fails if main does not return 0."""
-    monkeypatch.setattr(cli_module, "RnormCLI", RecordingCLI)
+    monkeypatch.setattr(lightning_cli, "RnormCLI", RecordingCLI)
     RecordingCLI.last = None
     assert cli_module.main(args) == 0
     assert RecordingCLI.last is not None
@@ -288,18 +287,25 @@ def _quickstart(tmp_path: Path, *extra: str) -> list[str]:
     return ["fit", "--config", str(QUICKSTART), *FAST, f"--trainer.default_root_dir={tmp_path / 'root'}", *extra]
 
 
-def test_missing_mnist_folder_names_the_folder_and_the_four_files(tmp_path, monkeypatch):
+def _error(capsys, args: list[str]) -> str:
+    """The one message ``rnorm`` prints for ``args`` (exit status 1, no traceback), without its prefix."""
+    assert cli_module.main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "--debug" in err.splitlines()[-1]
+    line = next(line for line in err.splitlines() if line.startswith("rnorm: error: "))
+    return line.removeprefix("rnorm: error: ")
+
+
+def test_missing_mnist_folder_names_the_folder_and_the_four_files(tmp_path, capsys):
     folder = tmp_path / "no_mnist_here"
-    with pytest.raises(FileNotFoundError) as error:
-        _run(monkeypatch, _quickstart(tmp_path, f"--data.init_args.data_dir={folder}"))
-    message = str(error.value)
+    message = _error(capsys, _quickstart(tmp_path, f"--data.init_args.data_dir={folder}"))
     assert str(folder) in message
     for name in MNIST_FILES:
         assert name in message
     assert "download" in message
 
 
-def test_corrupt_idx_header_names_the_file_and_the_magic(tmp_path, monkeypatch):
+def test_corrupt_idx_header_names_the_file_and_the_magic(tmp_path, capsys):
     folder = tmp_path / "mnist"
     folder.mkdir()
     for name in MNIST_FILES:
@@ -307,14 +313,12 @@ def test_corrupt_idx_header_names_the_file_and_the_magic(tmp_path, monkeypatch):
         write_idx(folder / name, torch.zeros(shape, dtype=torch.uint8), compress=False)
     bad = folder / "train-images-idx3-ubyte"
     bad.write_bytes(b"\x00\x00\x0d\x03" + bad.read_bytes()[4:])  # type 0x0d (float) instead of 0x08
-    with pytest.raises(IDXFormatError) as error:
-        _run(monkeypatch, _quickstart(tmp_path, f"--data.init_args.data_dir={folder}", "--data.init_args.val_size=1"))
-    message = str(error.value)
+    message = _error(capsys, _quickstart(tmp_path, f"--data.init_args.data_dir={folder}", "--data.init_args.val_size=1"))
     assert "corrupt IDX header" in message and str(bad) in message
     assert "0x00000803" in message and "0x00000d03" in message
 
 
-def test_empty_text_file_is_named(tmp_path, monkeypatch):
+def test_empty_text_file_is_named(tmp_path, capsys):
     folder = tmp_path / "text"
     folder.mkdir()
     (folder / "train.txt").write_text("")
@@ -330,16 +334,22 @@ def test_empty_text_file_is_named(tmp_path, monkeypatch):
         "--data.init_args.eval_lengths=null",
         f"--data.init_args.seq_length={SEQ_LENGTH}",
     ]  # fmt: skip
-    with pytest.raises(ValueError, match=re.escape(f"The text file {folder / 'train.txt'} is empty")):
-        _run(monkeypatch, args)
+    assert _error(capsys, args).startswith(f"The text file {folder / 'train.txt'} is empty")
 
 
-def test_unknown_normalizer_lists_the_known_names(tmp_path, monkeypatch):
-    with pytest.raises(ValueError) as error:
-        _run(monkeypatch, _quickstart(tmp_path, "--model.init_args.encoder.init_args.recurrent_norm=nosuch"))
-    listed = re.search(r"'nosuch' is not a registered normalizer\. Available names: (.*)\.$", str(error.value))
-    assert listed, str(error.value)
+def test_unknown_normalizer_is_caught_when_the_config_is_parsed(tmp_path, monkeypatch, capsys):
+    built = []
+    monkeypatch.setattr(lightning_cli.RnormCLI, "instantiate_classes", lambda self: built.append(self))
+    message = _error(capsys, _quickstart(tmp_path, "--model.init_args.encoder.init_args.recurrent_norm=nosuch"))
+    assert built == []  # nothing was built: not the model, not the trainer
+    listed = re.fullmatch(
+        r"model\.init_args\.encoder\.init_args\.recurrent_norm: 'nosuch' is not a registered normalizer\. "
+        r"Available names: (.*)\.",
+        message,
+    )
+    assert listed, message
     assert listed.group(1).split(", ") == sorted(norms.available())
+    assert not (tmp_path / "root").exists()
 
 
 def test_unknown_class_path_is_a_parser_error(tmp_path, monkeypatch, capsys):
@@ -350,9 +360,7 @@ def test_unknown_class_path_is_a_parser_error(tmp_path, monkeypatch, capsys):
     assert "error:" in err and "'rnorm.tasks.NoSuchTask'" in err
 
 
-def test_normalizer_on_an_unsupported_site_says_where_it_may_go(tmp_path, monkeypatch):
-    with pytest.raises(ValueError) as error:
-        _run(monkeypatch, _quickstart(tmp_path, "--model.init_args.encoder.init_args.cell_norm=wn"))
-    message = str(error.value)
+def test_normalizer_on_an_unsupported_site_says_where_it_may_go(tmp_path, capsys):
+    message = _error(capsys, _quickstart(tmp_path, "--model.init_args.encoder.init_args.cell_norm=wn"))
     assert "WeightNorm cannot normalize the 'cell' site" in message
     assert "['input', 'recurrent']" in message and "'none'" in message

@@ -14,7 +14,7 @@ def test_python_examples_run(document):
     blocks = re.findall(r"```python\n(.*?)```", document.read_text(), flags=re.DOTALL)
     namespace: dict = {}
     for block in blocks:  # blocks of one document share a namespace, as a reader's session would
-        exec(compile(block, str(document), "exec"), namespace)  # noqa: S102 - our own documentation
+        exec(compile(block, str(document), "exec"), namespace)
 
 
 def test_readme_test_command_is_the_ci_command():

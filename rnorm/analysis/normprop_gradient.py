@@ -203,7 +203,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         run=_run_from_args,
     )
     parser.add_argument(
-        "--hidden-size", type=int, default=DEFAULT_HIDDEN_SIZE, help=f"H (default {DEFAULT_HIDDEN_SIZE})"
+        "--hidden_size", type=int, default=DEFAULT_HIDDEN_SIZE, help=f"H (default {DEFAULT_HIDDEN_SIZE})"
     )
     parser.add_argument(
         "--samples", type=int, default=DEFAULT_SAMPLES, help=f"draws averaged over (default {DEFAULT_SAMPLES})"
@@ -212,5 +212,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--gammas", type=float, nargs="+", default=None, help="gamma_x and gamma_h grid (default 0.2, 0.4, ..., 3.0)"
     )
-    parser.add_argument("--gamma-c", type=float, nargs="+", default=None, help="gamma_c values (default 0.1 1.0)")
+    parser.add_argument("--gamma_c", type=float, nargs="+", default=None, help="gamma_c values (default 0.1 1.0)")
     return parser

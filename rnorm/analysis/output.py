@@ -5,26 +5,29 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rnorm.data.download import atomic_write_bytes
+from rnorm.utils.atomic import atomic_write_bytes
 
 MATPLOTLIB_MISSING = (
-    "This analysis draws its figure with matplotlib, which is not installed. Install it with "
-    "`pip install rnorm[plots]` (or `pip install matplotlib`); the numbers do not need it."
+    "This analysis draws its figure with matplotlib, which is not installed: install it with "
+    "`pip install rnorm[plots]` (or `pip install matplotlib`), or add --no_plot to write only the numbers (CSV)."
 )
 
 
+class PlotsUnavailable(ImportError):
+    """matplotlib is missing; the message says how to install it, or to run with ``--no-plot``."""
+
+
 def require_pyplot() -> Any:
-    """``matplotlib.pyplot`` with the non-interactive Agg backend; a clear ImportError if missing."""
+    """``matplotlib.pyplot`` with the non-interactive Agg backend; :class:`PlotsUnavailable` if missing."""
     try:
         import matplotlib
     except ImportError as err:
-        raise ImportError(MATPLOTLIB_MISSING) from err
+        raise PlotsUnavailable(MATPLOTLIB_MISSING) from err
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -38,12 +41,6 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Seq
     writer.writerow(header)
     writer.writerows(rows)
     atomic_write_bytes(path, buffer.getvalue().encode())
-    return Path(path)
-
-
-def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
-    """Write ``data`` as indented JSON to ``path`` (never half-written); returns the path."""
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
     return Path(path)
 
 
@@ -61,12 +58,13 @@ def add_analysis_parser(
 ) -> argparse.ArgumentParser:
     """Add one ``rnorm analyze`` subcommand with the options every analysis has.
 
-    ``--output-dir`` (a :class:`~pathlib.Path`, default ``analysis``) and ``--no-plot`` (stored as
+    ``--output_dir`` (a :class:`~pathlib.Path`, default ``analysis``) and ``--no_plot`` (stored as
     ``plot``: write the numbers only, without matplotlib); ``run(namespace)`` is set as the
-    ``run`` default and returns the written paths. The caller adds its own options.
+    ``run`` default and returns the written paths. The caller adds its own options, spelled with
+    underscores (the dashed spellings are accepted by :func:`rnorm.analysis.cli.underscore_options`).
     """
     parser = subparsers.add_parser(name, help=help, description=description)
-    parser.add_argument("--output-dir", type=Path, default=Path("analysis"), help="folder to write to (default: analysis/)")
-    parser.add_argument("--no-plot", dest="plot", action="store_false", help="write only the CSV (no matplotlib needed)")
+    parser.add_argument("--output_dir", type=Path, default=Path("analysis"), help="folder to write to (default: analysis/)")
+    parser.add_argument("--no_plot", dest="plot", action="store_false", help="write only the CSV (no matplotlib needed)")
     parser.set_defaults(run=run)
     return parser

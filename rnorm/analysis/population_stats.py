@@ -12,7 +12,7 @@ such sites are included, as one point per unit. (A ``bn`` site trained on one-st
 the same in a state dict.) ``t`` is 0-based everywhere, as in ``TimeBatchNorm.step(x, t)``.
 
 Example:
-    ``rnorm analysis population-stats --ckpt_path runs/bn/checkpoints/last.ckpt --units 8``
+    ``rnorm analyze population-stats --ckpt_path runs/bn/checkpoints/last.ckpt --units 8``
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from rnorm.analysis.output import add_analysis_parser, require_pyplot, save_figure, write_csv
+from rnorm.utils.checkpoint import load_checkpoint, task_globals
 
 CSV_NAME = "population_stats.csv"
 PNG_NAME = "population_stats.png"
@@ -46,12 +47,13 @@ def load_population_statistics(path: str | os.PathLike) -> dict[str, tuple[Tenso
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is not a checkpoint, or it holds objects other than tensors and
+            plain data (it is never unpickled unsafely).
         ValueError: the file holds no state dict, or no per-step population statistics.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint not found: {str(path)!r}.")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    # Tensors and plain data only (a task built in Python also saves its factories: allowed by name).
+    checkpoint = load_checkpoint(path, allow=task_globals())
     if not isinstance(checkpoint, Mapping):
         kind = type(checkpoint).__name__
         raise ValueError(f"Expected {str(path)!r} to hold a checkpoint or a state dict, but it holds a {kind}.")
@@ -156,7 +158,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--ckpt_path", required=True, help="checkpoint (or state dict file) of a model trained with bn")
     parser.add_argument("--units", type=int, default=8, help="units sampled per site (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the unit sampling (default: 0)")
-    parser.add_argument("--max-sites", type=int, default=None, help="plot only the first N sites (default: all)")
+    parser.add_argument("--max_sites", type=int, default=None, help="plot only the first N sites (default: all)")
     return parser
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
 
-from rnorm.norms import estimate_population_statistics
-from rnorm.norms import BatchStatisticsNorm
+from rnorm.norms import BatchStatisticsNorm, estimate_population_statistics
+
+log = logging.getLogger(__name__)
 
 
 class PopulationStatistics(Callback):
@@ -45,7 +46,7 @@ class PopulationStatistics(Callback):
             datamodule.setup("fit")
             self._estimate(trainer, pl_module, datamodule.train_dataloader())
 
-    def _estimate(self, trainer: Trainer, pl_module: LightningModule, loader) -> None:  # noqa: ANN001
+    def _estimate(self, trainer: Trainer, pl_module: LightningModule, loader) -> None:
         if self.mode != "exact" or not any(isinstance(m, BatchStatisticsNorm) for m in pl_module.modules()):
             return
         used = estimate_population_statistics(
@@ -54,4 +55,5 @@ class PopulationStatistics(Callback):
             num_batches=self.num_batches,
             forward=lambda module, batch: module.population_forward(trainer.strategy.batch_to_device(batch)),
         )
-        rank_zero_info(f"Population statistics re-estimated from {used} training batches.")
+        # Every validation of every epoch: a debug message (`logging.getLogger("rnorm").setLevel(logging.DEBUG)`).
+        log.debug("Population statistics re-estimated from %d training batches.", used)

@@ -1,5 +1,6 @@
 """LightningDataModules for the papers' tasks, and the file formats they read."""
 
+from rnorm.data.batching import TrainingBatchSampler
 from rnorm.data.binarized_mnist import AmatFormatError, BinarizedMNISTDataModule, read_amat
 from rnorm.data.idx import IDXFormatError, read_idx, write_idx
 from rnorm.data.mnist import EpochSeededRandomSampler, SequentialMNISTDataModule
@@ -19,6 +20,7 @@ __all__ = [
     "QAExample",
     "QAFormatError",
     "SequentialMNISTDataModule",
+    "TrainingBatchSampler",
     "parse_question_file",
     "read_amat",
     "read_idx",

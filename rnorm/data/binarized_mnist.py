@@ -29,8 +29,9 @@ from typing import Literal
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from rnorm.data.batching import LastBatch, check_last_batch, loader, training_batches
 from rnorm.data.download import download as download_file
 from rnorm.data.mnist import (
     MNIST_FILES,
@@ -65,8 +66,6 @@ AMAT_MD5 = {
     "binarized_mnist_test.amat": "14e41ae11040adba6ab8cb291eda0dd8",
 }
 AMAT_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
-#: Images per split of the fixed binarization.
-AMAT_SIZES = {"train": 50_000, "valid": 10_000, "test": 10_000}
 GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -201,6 +200,10 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
             files from Larochelle's site, or MNIST from its mirrors), checking each MD5.
         seed: seed of the training order (epoch k's order depends only on it and k) and of the
             stochastic binarization.
+        last_batch: the short last training batch of an epoch: ``keep``, ``drop``, ``merge`` it into
+            the batch before, or ``auto``: merge when the model normalizes with batch statistics
+            (``bn``, ``seqbn``), which cannot normalize one sample and normalize a few poorly;
+            keep otherwise (see :mod:`rnorm.data.batching`).
     """
 
     input_size: int = NUM_PIXELS
@@ -218,8 +221,10 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         download: bool = False,
         seed: int = 0,
+        last_batch: LastBatch = "auto",
     ) -> None:
         super().__init__()
+        check_last_batch(last_batch)
         if source not in ("amat", "mnist"):
             raise ValueError(f"Expected source 'amat' or 'mnist' but got {source!r}")
         if binarization not in ("threshold", "stochastic"):
@@ -247,6 +252,7 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.download = download
         self.seed = seed
+        self.last_batch = last_batch
         self._splits: dict[str, torch.Tensor] = {}  # split: (N, 784) uint8
 
     @property
@@ -316,22 +322,16 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
-        return self._loader(dataset, sampler=EpochIndexSampler(len(dataset), seed=self.seed))
+        sampler = EpochIndexSampler(len(dataset), seed=self.seed)
+        batches = training_batches(sampler, self.batch_size, self.last_batch, self.trainer)
+        return loader(dataset, self.num_workers, batch_sampler=batches)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"))
+        return loader(self.dataset("val"), self.num_workers, batch_size=self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"))
+        return loader(self.dataset("test"), self.num_workers, batch_size=self.batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"))
+        return loader(self.dataset("test"), self.num_workers, batch_size=self.batch_size)
 
-    def _loader(self, dataset: BinarizedImages, sampler: Sampler | None = None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )

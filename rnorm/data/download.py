@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+
+from rnorm.utils.atomic import atomic_write_bytes
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "md5", chunk_size: int = 1 << 20) -> str:
@@ -25,25 +26,6 @@ def file_digest(path: str | os.PathLike, algorithm: str = "md5", chunk_size: int
 def md5sum(path: str | os.PathLike) -> str:
     """The hex MD5 digest of a file's bytes."""
     return file_digest(path, "md5")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that the file is either absent, old, or complete: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False) as tmp:
-        try:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-            # Temporary files are private (0600); the result gets the permissions of a plain open().
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp.name, 0o666 & ~umask)
-        except BaseException:
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, path)
 
 
 def download(urls: Sequence[str], destination: str | os.PathLike, md5: str | None, timeout: float = 60.0) -> Path:
@@ -61,7 +43,7 @@ def download(urls: Sequence[str], destination: str | os.PathLike, md5: str | Non
     failures = []
     for url in urls:
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - user-requested download
+            with urllib.request.urlopen(url, timeout=timeout) as response:
                 data = response.read()
         except Exception as err:  # any network or URL failure: try the next mirror
             failures.append(f"{url}: {type(err).__name__}: {err}")

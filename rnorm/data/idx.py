@@ -27,7 +27,7 @@ import zlib
 
 import torch
 
-from rnorm.data.download import atomic_write_bytes
+from rnorm.utils.atomic import atomic_write_bytes
 
 __all__ = ["IDXFormatError", "read_idx", "write_idx"]
 

@@ -36,6 +36,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from rnorm.data.batching import LastBatch, check_last_batch, loader, training_batches
 from rnorm.data.download import download as download_file
 from rnorm.data.idx import IDXFormatError, read_idx
 from rnorm.data.seeding import keyed_generator
@@ -137,6 +138,10 @@ class SequentialMNISTDataModule(pl.LightningDataModule):
         download: in ``prepare_data``, download the files missing from ``data_dir`` from the standard
             mirrors, checking each MD5.
         shuffle_seed: seed of the training order; epoch k's order depends only on it and k.
+        last_batch: the short last training batch of an epoch: ``keep``, ``drop``, ``merge`` it into
+            the batch before, or ``auto``: merge when the model normalizes with batch statistics
+            (``bn``, ``seqbn``), which cannot normalize one sample and normalize a few poorly;
+            keep otherwise (see :mod:`rnorm.data.batching`).
     """
 
     num_classes: int = 10
@@ -152,8 +157,10 @@ class SequentialMNISTDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         download: bool = False,
         shuffle_seed: int = 0,
+        last_batch: LastBatch = "auto",
     ) -> None:
         super().__init__()
+        check_last_batch(last_batch)
         if mode not in ("pixel", "row"):
             raise ValueError(f"Expected mode 'pixel' or 'row' but got {mode!r}")
         if val_size is not None and val_size < 0:
@@ -172,6 +179,7 @@ class SequentialMNISTDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.download = download
         self.shuffle_seed = shuffle_seed
+        self.last_batch = last_batch
         self.permutation: torch.Tensor | None = draw_permutation(permutation_seed) if permute else None
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # split: (images, labels)
 
@@ -218,25 +226,18 @@ class SequentialMNISTDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
-        return self._loader(dataset, sampler=EpochSeededRandomSampler(len(dataset), seed=self.shuffle_seed))
+        sampler = EpochSeededRandomSampler(len(dataset), seed=self.shuffle_seed)
+        batches = training_batches(sampler, self.batch_size, self.last_batch, self.trainer)
+        return loader(dataset, self.num_workers, batch_sampler=batches)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"))
+        return loader(self.dataset("val"), self.num_workers, batch_size=self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"))
+        return loader(self.dataset("test"), self.num_workers, batch_size=self.batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"))
-
-    def _loader(self, dataset: SequentialMNIST, sampler: Sampler[int] | None = None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return loader(self.dataset("test"), self.num_workers, batch_size=self.batch_size)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must keep to feed a model the same inputs: the pixel order and the mode."""

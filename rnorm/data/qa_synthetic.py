@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rnorm.data.download import atomic_write_bytes
+from rnorm.utils.atomic import atomic_write_bytes
 
 __all__ = ["SPLIT_FOLDERS", "SyntheticQuestion", "synthetic_question", "write_synthetic_corpus"]
 
@@ -198,7 +198,7 @@ def write_synthetic_corpus(
             digest = hashlib.sha256(url.encode()).digest()
             rng = random.Random(int.from_bytes(digest[:8], "little"))
             example = synthetic_question(rng, url, strip_probability, num_relevant, num_entities)
-            name = hashlib.sha1(url.encode()).hexdigest()  # noqa: S324 - a file name, as DeepMind's
+            name = hashlib.sha1(url.encode()).hexdigest()
             atomic_write_bytes(Path(folder) / split / f"{name}.question", example.to_text().encode("utf-8"))
     return counts
 

@@ -68,9 +68,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rnorm.data.download import atomic_write_bytes
+from rnorm.data.batching import LastBatch, check_last_batch, loader, training_batches
 from rnorm.data.download import download as download_file
 from rnorm.data.seeding import keyed_generator
+from rnorm.utils.atomic import atomic_write_bytes
 
 __all__ = ["CharLMDataModule", "CharWindows", "EpochCropSampler", "epoch_starts", "segment_starts"]
 
@@ -297,6 +298,10 @@ class CharLMDataModule(pl.LightningDataModule):
             vocabulary then comes from the truncated training split.
         random_crop: start each training epoch's windows at a random offset (``True``) or at 0;
             ``None``: the papers' choice, random for ``ptb`` and ``text``, fixed for ``text8``.
+        last_batch: the short last training batch of an epoch: ``keep``, ``drop``, ``merge`` it into
+            the batch before, or ``auto``: merge when the model normalizes with batch statistics
+            (``bn``, ``seqbn``), which cannot normalize one sample and normalize a few poorly;
+            keep otherwise (see :mod:`rnorm.data.batching`).
 
     Example:
         >>> import shutil, tempfile
@@ -330,8 +335,10 @@ class CharLMDataModule(pl.LightningDataModule):
         shuffle_seed: int = 0,
         max_chars: int | None = None,
         random_crop: bool | None = None,
+        last_batch: LastBatch = "auto",
     ) -> None:
         super().__init__()
+        check_last_batch(last_batch)
         if corpus not in ("ptb", "text8", "text"):
             raise ValueError(f"Expected corpus 'ptb', 'text8' or 'text' but got {corpus!r}")
         split_files = {"train_files": train_files, "val_files": val_files, "test_files": test_files}
@@ -387,6 +394,7 @@ class CharLMDataModule(pl.LightningDataModule):
         self.shuffle_seed = shuffle_seed
         self.max_chars = max_chars
         self.random_crop = corpus != "text8" if random_crop is None else random_crop
+        self.last_batch = last_batch
         #: Characters read as ``<unk>`` in each split encoded so far (``{"val": 3, …}``).
         self.unknown_counts: dict[str, int] = {}
         self._texts: dict[str, str] = {}  # split: its characters (after max_chars)
@@ -555,7 +563,8 @@ class CharLMDataModule(pl.LightningDataModule):
         self._check_train_length()
         stream = self.stream("train")
         sampler = EpochCropSampler(len(stream), self.seq_length, self.shuffle_seed, crop=self.random_crop)
-        return self._loader(CharWindows(stream, self.seq_length), self.batch_size, sampler)
+        batches = training_batches(sampler, self.batch_size, self.last_batch, self.trainer)
+        return loader(CharWindows(stream, self.seq_length), self.num_workers, batch_sampler=batches)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val", self.seq_length)
@@ -569,16 +578,9 @@ class CharLMDataModule(pl.LightningDataModule):
 
     def _eval_loader(self, split: str, length: int) -> DataLoader:
         stream = self.stream(split)
-        return self._loader(CharWindows(stream, length, segment_starts(len(stream), length)), self.eval_batch_size)
+        windows = CharWindows(stream, length, segment_starts(len(stream), length))
+        return loader(windows, self.num_workers, batch_size=self.eval_batch_size)
 
-    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler[int] | None = None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
 
     # -- checkpoint state ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -123,13 +123,13 @@ class _AllReduceSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:  # noqa: ANN001
+    def forward(ctx, tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
         ctx.group = group
         tensor = tensor.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         return tensor
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:
         # y_r = Σ_s x_s on every process r, so dL/dx_s = Σ_r dL/dy_r: sum the gradients.
         return _AllReduceSum.apply(grad_output, ctx.group), None

@@ -21,12 +21,14 @@ kind of :data:`STEP_KINDS` with its tensors) and calls :func:`lstm_layer`.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from rnorm.kernels import cudnn, native
 from rnorm.kernels.choice import LAYER_BACKENDS, Path, choose, log_path
 from rnorm.kernels.kinds import STEP_KINDS, StepKind, get_kind
 from rnorm.kernels.op import BACKENDS, lstm_recurrence, resolve_backend
+from rnorm.kernels.precision import autocast_dtype, products_precision
 from rnorm.kernels.prepare import prepare
 from rnorm.kernels.schema import present
 from rnorm.kernels.spec import LayerResult, LayerSpec, SiteSpec, SiteStatistics
@@ -64,24 +66,41 @@ def lstm_layer(
         backend: one of :data:`LAYER_BACKENDS`: ``auto`` (torch's LSTM where the layer is a plain
             LSTM after its weight transform and that is faster, else the op's best implementation),
             ``cudnn`` (torch's LSTM, :mod:`rnorm.kernels.cudnn`), or an op implementation
-            (``native``, ``torch``). The choice is logged once (:func:`rnorm.kernels.choice.log_path`).
+            (``native``, ``torch``, ``triton``). The choice is logged once
+            (:func:`rnorm.kernels.choice.log_path`).
 
     Returns:
         ``output`` ``(T, B, H)``, ``h_n``, ``c_n`` ``(B, H)`` at each sequence's last real step, and the
         training statistics of each ``batch`` or ``sequence`` site (for population statistics).
 
+    Under ``torch.autocast`` the op runs in the weights' dtype (``x``, ``h0``, ``c0`` cast to it, the
+    preparation with autocast off) and its products' operands take the autocast dtype
+    (:mod:`rnorm.kernels.precision`): float32 states, statistics and sums, a float32 output. Torch's
+    LSTM runs wholly in the weights' dtype there (cuDNN's float32 products are TF32 where
+    ``torch.backends.cudnn.allow_tf32``, the default).
+
     Raises:
         ValueError: a description or tensor that does not fit (what was expected, what was given),
             an unknown ``backend``, or ``cudnn`` where the layer is not a plain LSTM after its weight
             transform (the reason).
-        RuntimeError: ``native`` where the compiled kernels cannot run (the reason).
+        RuntimeError: ``native`` or ``triton`` where those kernels cannot run (the reason).
     """
+    precision = None
+    if autocast_dtype(x.device.type) is not None:
+        dtype = spec.recurrent_weight.dtype
+        precision = products_precision(x.device, dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return _layer(spec, x.to(dtype), h0.to(dtype), c0.to(dtype), mask, backend, precision)
+    return _layer(spec, x, h0, c0, mask, backend, precision)
+
+
+def _layer(spec: LayerSpec, x: Tensor, h0: Tensor, c0: Tensor, mask: Tensor | None, backend: str, precision: str | None) -> LayerResult:
     spec.check(x, h0, c0, mask)
     path = choose(spec, x, mask, backend)
     log_path(path)
     if path.name == "cudnn":
         return cudnn.lstm_layer(spec, x, h0, c0, mask)
-    args, statistics = prepare(spec, x, h0, c0, mask, backend)
+    args, statistics = prepare(spec, x, h0, c0, mask, backend, precision)
     outputs = lstm_recurrence(args)
     for site in ("input", "recurrent", "cell"):
         mean = getattr(outputs.statistics, f"{site}_mean")

@@ -82,7 +82,7 @@ def allocate_grad_buffers(args: BackwardArgs, *, in_loop: bool, reuse: bool = Fa
             elif kind is not None and kind.name == "affine" and site != "cell":  # the cell's reads c_t, not overwritten
                 accumulated[site] = new(num_steps, features)
 
-    def sums(kind, features: int):  # noqa: ANN001, ANN202
+    def sums(kind, features: int):
         return (new(num_steps, 1, features), new(num_steps, 1, features)) if kind is not None and kind.statistics == "batch" else None
 
     chat_factor = 1.0 if cell_kind.name == "identity" else 0.5  # the cell site works on 2ĉ (eq. 3)
@@ -167,7 +167,7 @@ def _recurrent_weight_grad(args: BackwardArgs, grad_r: Tensor) -> Tensor:
     return grad
 
 
-def _scale_grad(kind: str, grad: Tensor, raw: Tensor, norm: Tensor, sums, samples: Tensor, scale: Tensor | None, accumulated: Tensor | None) -> Tensor | None:  # noqa: ANN001
+def _scale_grad(kind: str, grad: Tensor, raw: Tensor, norm: Tensor, sums, samples: Tensor, scale: Tensor | None, accumulated: Tensor | None) -> Tensor | None:
     """The gradient of a site's scale (affine: ``(S, F)``; batch and row kinds: γ ``(F,)``) (eq. 18–19).
 
     ``accumulated``: what an implementation summed during its loop (see :class:`GradBuffers`), in
@@ -183,7 +183,7 @@ def _scale_grad(kind: str, grad: Tensor, raw: Tensor, norm: Tensor, sums, sample
     return (grad * norm).sum((0, 1)) if accumulated is None else accumulated
 
 
-def _shift_grad(kind: str, grad: Tensor | None, sums, samples: Tensor, shape: list[int]) -> Tensor | None:  # noqa: ANN001
+def _shift_grad(kind: str, grad: Tensor | None, sums, samples: Tensor, shape: list[int]) -> Tensor | None:
     """The gradient of the cell site's shift of ``shape`` (affine: ``(S, H)``; batch and row kinds: β ``(H,)``) (eq. 20)."""
     step_kind = get_kind(kind)
     if not shape or step_kind.name == "identity":

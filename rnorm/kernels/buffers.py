@@ -90,7 +90,7 @@ def allocate_outputs(args: RecurrenceArgs) -> tuple[RecurrenceOutputs, Tensor | 
     return outputs, states_h
 
 
-def _site_allocation(kind: str, dims: Dims, site: str, new, none) -> dict[str, Tensor]:  # noqa: ANN001
+def _site_allocation(kind: str, dims: Dims, site: str, new, none) -> dict[str, Tensor]:
     """``raw``, ``norm``, ``rstd`` of one site for ``dims.saved_steps`` steps (``none()`` where the kind has none)."""
     features, batch, steps = dims.features(site), dims.batch, dims.saved_steps
     step_kind = None if kind == "given" else get_kind(kind)

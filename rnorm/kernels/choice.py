@@ -50,36 +50,49 @@ def choose(spec: LayerSpec, x: Tensor, mask: Tensor | None, backend: str) -> Pat
     is measured faster (docs/performance.md, "Which path runs where"): on CUDA (cuDNN); on the CPU
     in float32 without padding from :data:`CPU_MIN_HIDDEN` hidden units (oneDNN), and wherever the
     op would run its torch-ops loop (the compiled kernels not built, or a dtype they do not take).
-    Never while tracing with padding (packing reads the lengths on the host).
+    Never while tracing with padding (packing reads the lengths on the host). While tracing, the
+    op's implementation is left to the op (it resolves it when it runs): the path is then
+    ``Path("op", "traced")``, which nothing logs.
 
     Raises:
         ValueError: an unknown ``backend``.
-        RuntimeError: ``backend="native"`` where the compiled kernels cannot run.
+        RuntimeError: ``backend="native"`` or ``"triton"`` where those kernels cannot run.
     """
     if backend not in LAYER_BACKENDS:
         raise ValueError(f"Unknown fused recurrence backend {backend!r}. Available: {', '.join(LAYER_BACKENDS)}.")
     if backend == "cudnn":
         return Path("cudnn", "backend 'cudnn' was asked for")
+    why_not = None
+    if backend == "auto":
+        faster, why = _torch_lstm(spec, x, mask)
+        if faster:
+            return Path("cudnn", f"a plain LSTM after its weight transform, {why}")
+        why_not = why
+    if torch.compiler.is_compiling():
+        return Path("op", "traced")
     # warn=False: the op itself warns where the compiled kernels are missing, when it runs.
-    name, reason = choose_backend(backend, x.device, x.dtype, spec.synchronized, warn=False)
-    if backend != "auto":
-        return Path(name, reason)
-    plain = cudnn.ineligibility(spec)
-    if plain is None and cudnn.traced_with_mask(x, mask):
-        plain = "traced with padding (packing reads the lengths on the host)"
-    if plain is not None:
-        return Path(name, f"{reason}; not torch's LSTM: {plain}")
+    name, reason = choose_backend(backend, x.device, x.dtype, spec.synchronized, batch_size=x.shape[1], warn=False)
+    return Path(name, reason if why_not is None else f"{reason}; not torch's LSTM: {why_not}")
+
+
+def _torch_lstm(spec: LayerSpec, x: Tensor, mask: Tensor | None) -> tuple[bool, str]:
+    """Whether torch's LSTM is the faster way to run ``spec`` here, and why (or why not)."""
+    reason = cudnn.ineligibility(spec)
+    if reason is not None:
+        return False, reason
+    if cudnn.traced_with_mask(x, mask):
+        return False, "traced with padding (packing reads the lengths on the host)"
     if x.device.type == "cuda":
-        return Path("cudnn", "a plain LSTM after its weight transform, on CUDA (cuDNN)")
+        return True, "on CUDA (cuDNN)"
     if x.device.type != "cpu":
-        return Path(name, f"{reason}; not torch's LSTM: not measured on {x.device.type}")
+        return False, f"not measured on {x.device.type}"
+    name, op_reason = choose_backend("auto", x.device, x.dtype, spec.synchronized, warn=False)
     if name == "torch":
-        return Path("cudnn", f"a plain LSTM after its weight transform, on the CPU where {reason}")
+        return True, f"on the CPU where {op_reason}"
     if x.dtype == torch.float32 and mask is None and spec.hidden_size >= CPU_MIN_HIDDEN:
-        where = f"float32 without padding at H >= {CPU_MIN_HIDDEN} (oneDNN)"
-        return Path("cudnn", f"a plain LSTM after its weight transform, {where}")
-    faster = f"the compiled CPU kernels are as fast or faster but in float32 without padding at H >= {CPU_MIN_HIDDEN}"
-    return Path(name, f"{reason}; not torch's LSTM: {faster}")
+        return True, f"float32 without padding at H >= {CPU_MIN_HIDDEN} (oneDNN)"
+    where = f"float32 without padding at H >= {CPU_MIN_HIDDEN}"
+    return False, f"the compiled CPU kernels are as fast or faster but in {where}"
 
 
 def log_path(path: Path) -> None:

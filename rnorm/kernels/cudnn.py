@@ -69,7 +69,8 @@ def traced_with_mask(x: Tensor, mask: Tensor | None) -> bool:
 
 def lstm_layer(spec: LayerSpec, x: Tensor, h0: Tensor, c0: Tensor, mask: Tensor | None) -> LayerResult:
     """Run one layer direction through ``torch._VF.lstm``; the arguments and result of
-    :func:`rnorm.kernels.lstm_layer` (``spec`` already checked against the tensors).
+    :func:`rnorm.kernels.lstm_layer`, which calls it with ``spec`` checked against the tensors and,
+    under ``torch.autocast``, autocast off (torch's LSTM would otherwise run in float16/bfloat16).
 
     Args:
         spec: a description :func:`ineligibility` accepts.
@@ -95,10 +96,6 @@ def lstm_layer(spec: LayerSpec, x: Tensor, h0: Tensor, c0: Tensor, mask: Tensor 
             "backend='cudnn': padded sequences are packed with their lengths read on the host, which tracing "
             "(torch.compile, torch.export) cannot do. Trace without lengths, or use backend 'auto'."
         )
-    if torch.is_autocast_enabled(x.device.type):
-        # In the tensors' precision, as the op runs: autocast would run torch's LSTM in float16/bfloat16.
-        with torch.autocast(x.device.type, enabled=False):
-            return lstm_layer(spec, x, h0, c0, mask)
     statistics: dict[str, SiteStatistics] = {}
     inp = spec.input
     if inp.kind == "sequence":  # sequencewise statistics are one affine map of every step
@@ -108,7 +105,7 @@ def lstm_layer(spec: LayerSpec, x: Tensor, h0: Tensor, c0: Tensor, mask: Tensor 
     shifts = [s for s in (spec.bias, input_shift, recurrent_shift) if s is not None]
     params = [input_weight, recurrent_weight]
     if shifts:  # torch's LSTM adds two biases; ours is their sum, so the second is 0
-        params += [sum(shifts), torch.zeros_like(shifts[0])]
+        params += [sum(shifts[1:], shifts[0]), torch.zeros_like(shifts[0])]
     if x.device.type == "cuda":
         params = _one_buffer(params)
     train = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *params))

@@ -7,8 +7,10 @@ them its results' shapes), with a registered autograd formula, and one implement
 device    implementation
 ========  =====================================================================================
 CPU       the compiled kernels (:mod:`rnorm.kernels.native`) for float32/float64 without
-          synchronized statistics, else the torch-ops loop (:mod:`rnorm.kernels.torch_loop`)
-CUDA      the torch-ops loop (the slot where a GPU implementation registers)
+          synchronized statistics, else the torch-ops loop (:mod:`rnorm.kernels.torch_loop`);
+          the Triton kernels in Triton's interpreter when forced (``backend="triton"``, tests)
+CUDA      the Triton kernels (:mod:`rnorm.kernels.triton`) where they run (float32, Triton
+          installed, no synchronized statistics), else the torch-ops loop
 other     the torch-ops loop
 ========  =====================================================================================
 
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 
 from rnorm.kernels import native, torch_loop
+from rnorm.kernels import triton as triton_kernels
 from rnorm.kernels.buffers import allocate_outputs
 from rnorm.kernels.schema import (
     BackwardArgs,
@@ -45,8 +48,9 @@ from rnorm.kernels.schema import (
 __all__ = ["BACKENDS", "choose_backend", "lstm_recurrence", "resolve_backend"]
 
 #: What ``backend`` may ask for: ``auto`` (the best implementation for the device), ``native`` (the
-#: compiled CPU kernels; an error where they cannot run) or ``torch`` (the torch-ops loop anywhere).
-BACKENDS = ("auto", "native", "torch")
+#: compiled CPU kernels; an error where they cannot run), ``torch`` (the torch-ops loop anywhere) or
+#: ``triton`` (the Triton kernels: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``; an error elsewhere).
+BACKENDS = ("auto", "native", "torch", "triton")
 
 FORWARD = "rnorm::lstm_recurrence"
 BACKWARD = "rnorm::lstm_recurrence_backward"
@@ -58,27 +62,53 @@ torch.library.define(BACKWARD_INPLACE, op_schema(BackwardArgs, Gradients, mutati
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, synchronized: bool) -> str:
-    """The implementation that runs: ``"native"`` or ``"torch"`` (:func:`choose_backend` without its reason).
+    """The implementation that runs: ``"native"``, ``"triton"`` or ``"torch"`` (:func:`choose_backend`
+    without its reason).
 
     Raises:
         ValueError: an unknown ``backend``.
-        RuntimeError: ``backend="native"`` where the compiled kernels cannot run (says why).
+        RuntimeError: ``backend="native"`` or ``"triton"`` where those kernels cannot run (says why).
     """
     return choose_backend(backend, device, dtype, synchronized)[0]
 
 
-def choose_backend(backend: str, device: torch.device, dtype: torch.dtype, synchronized: bool, *, warn: bool = True) -> tuple[str, str]:
-    """The implementation that runs and why, in words for the log line (no shapes or values);
-    ``warn``: warn (once per location) where ``auto`` finds the compiled kernels not built.
+def choose_backend(
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    synchronized: bool,
+    *,
+    batch_size: int | None = None,
+    warn: bool = True,
+) -> tuple[str, str]:
+    """The implementation that runs and why, in words for the log line (no shapes or values).
+
+    ``auto`` on CUDA is the Triton kernels where they run. (Layers that are a plain LSTM after their
+    weight transform can be sent to torch's LSTM before the op is reached: that dispatch is
+    :func:`rnorm.kernels.choice.choose`, ahead of this one.)
+
+    Args:
+        backend, device, dtype, synchronized: what is asked for, and of which tensors.
+        batch_size: ``B``, to check it against the Triton kernels' limits (``None``: not checked).
+        warn: warn (once per location) where ``auto`` finds the compiled CPU kernels not built.
 
     Raises:
         ValueError: an unknown ``backend``.
-        RuntimeError: ``backend="native"`` where the compiled kernels cannot run (says why).
+        RuntimeError: ``backend="native"`` or ``"triton"`` where those kernels cannot run (says why).
     """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown fused recurrence backend {backend!r}. Available: {', '.join(BACKENDS)}.")
     if backend == "torch":
         return "torch", "backend 'torch' was asked for"
+    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+        reason = triton_kernels.unsupported(device, dtype, synchronized)
+        if reason is None and batch_size is not None:
+            reason = triton_kernels.unsupported_batch(batch_size)
+        if reason is None:
+            return "triton", "the Triton kernels"
+        if backend == "triton":
+            raise RuntimeError(f"backend='triton': the Triton kernels cannot run: {reason}. Use backend 'auto' or 'torch'.")
+        return "torch", f"the Triton kernels cannot run: {reason}"
     reason = None
     if device.type != "cpu" or dtype not in (torch.float32, torch.float64):
         reason = f"they need float32 or float64 tensors on the CPU, not {dtype} on {device.type}"
@@ -103,23 +133,44 @@ def lstm_recurrence(args: RecurrenceArgs) -> RecurrenceOutputs:
 # -- implementations ------------------------------------------------------------------------------
 
 
+def _chosen(args: RecurrenceArgs | BackwardArgs) -> str:
+    """:func:`resolve_backend` for the op's arguments, the batch size checked against the Triton kernels."""
+    source = args.source
+    return choose_backend(args.backend, source.device, source.dtype, args.synchronized, batch_size=source.shape[1])[0]
+
+
+def _no_autocast(tensor: Tensor) -> torch.autocast:
+    """Autocast off inside an implementation: its buffers are the op's dtype (the op's precision is
+    ``args.precision``), also when a backward runs inside an autocast region."""
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
 def _forward(args: RecurrenceArgs, device_backend: str) -> RecurrenceOutputs:
     if device_backend == "native":
         return native.forward(args)
+    if device_backend == "triton":
+        return triton_kernels.forward(args)
     return torch_loop.forward(args)
 
 
 def _forward_cpu(*flat: object) -> tuple[Tensor, ...]:
     args = from_flat(RecurrenceArgs, flat)
-    chosen = resolve_backend(args.backend, args.source.device, args.source.dtype, args.synchronized)
-    with torch.no_grad(), native.denormals_flushed():
+    chosen = _chosen(args)
+    with torch.no_grad(), _no_autocast(args.source), native.denormals_flushed():
+        return tuple(to_flat(_forward(args, chosen)))
+
+
+def _forward_cuda(*flat: object) -> tuple[Tensor, ...]:
+    args = from_flat(RecurrenceArgs, flat)
+    chosen = _chosen(args)
+    with torch.no_grad(), _no_autocast(args.source):
         return tuple(to_flat(_forward(args, chosen)))
 
 
 def _forward_any(*flat: object) -> tuple[Tensor, ...]:
     args = from_flat(RecurrenceArgs, flat)
     resolve_backend(args.backend, args.source.device, args.source.dtype, args.synchronized)  # checks the name
-    with torch.no_grad():
+    with torch.no_grad(), _no_autocast(args.source):
         return tuple(to_flat(torch_loop.forward(args)))
 
 
@@ -130,23 +181,37 @@ def _forward_fake(*flat: object) -> tuple[Tensor, ...]:
 
 torch.library.impl(FORWARD, "CompositeExplicitAutograd", _forward_any)
 torch.library.impl(FORWARD, "cpu", _forward_cpu)
+torch.library.impl(FORWARD, "cuda", _forward_cuda)
 torch.library.register_fake(FORWARD, _forward_fake)
 
 
-def _backward_impl(reuse: bool):  # noqa: ANN202
+def _backward_with(args: BackwardArgs, chosen: str, reuse: bool) -> Gradients:
+    if chosen == "native":
+        return native.backward(args, reuse=reuse)
+    if chosen == "triton":
+        return triton_kernels.backward(args)  # writes no saved buffer: the in-place form is the functional one
+    return torch_loop.backward(args)
+
+
+def _backward_impl(reuse: bool):
     def cpu(*flat: object) -> tuple[Tensor, ...]:
         args = from_flat(BackwardArgs, flat)
-        chosen = resolve_backend(args.backend, args.source.device, args.source.dtype, args.synchronized)
-        with torch.no_grad(), native.denormals_flushed():
-            grads = native.backward(args, reuse=reuse) if chosen == "native" else torch_loop.backward(args)
-        return tuple(to_flat(grads))
+        with torch.no_grad(), _no_autocast(args.source), native.denormals_flushed():
+            return tuple(to_flat(_backward_with(args, _chosen(args), reuse)))
 
     return cpu
 
 
+def _backward_cuda(*flat: object) -> tuple[Tensor, ...]:
+    args = from_flat(BackwardArgs, flat)
+    with torch.no_grad(), _no_autocast(args.source):
+        return tuple(to_flat(_backward_with(args, _chosen(args), reuse=False)))
+
+
 def _backward_any(*flat: object) -> tuple[Tensor, ...]:
-    with torch.no_grad():
-        return tuple(to_flat(torch_loop.backward(from_flat(BackwardArgs, flat))))
+    args = from_flat(BackwardArgs, flat)
+    with torch.no_grad(), _no_autocast(args.source):
+        return tuple(to_flat(torch_loop.backward(args)))
 
 
 def _backward_fake(*flat: object) -> tuple[Tensor, ...]:
@@ -179,6 +244,7 @@ def _backward_fake(*flat: object) -> tuple[Tensor, ...]:
 for _name, _reuse in ((BACKWARD, False), (BACKWARD_INPLACE, True)):
     torch.library.impl(_name, "CompositeExplicitAutograd", _backward_any)
     torch.library.impl(_name, "cpu", _backward_impl(_reuse))
+    torch.library.impl(_name, "cuda", _backward_cuda)
     torch.library.register_fake(_name, _backward_fake)
 
 
@@ -190,7 +256,7 @@ _KEPT = ("source", "input_weight", "recurrent_weight", "input_scale", "recurrent
 _DIFFERENTIABLE = ("source", "input_weight", "recurrent_weight", "shift", "input_scale", "recurrent_scale", "cell_scale", "cell_shift", "h0", "c0")
 
 
-def _setup_context(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     args = from_flat(RecurrenceArgs, inputs)
     outputs = from_flat(RecurrenceOutputs, output)
     saved = to_flat(outputs.saved)
@@ -204,12 +270,13 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001
         "cell_kind": args.cell_kind,
         "synchronized": args.synchronized,
         "backend": args.backend,
+        "precision": args.precision,
     }
     ctx.input_fields = [name for name in RecurrenceArgs.__dataclass_fields__]
     ctx.buffers_consumed = False
 
 
-def _backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+def _backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
     if ctx.buffers_consumed:
         raise RuntimeError(
             "Backward through NormLSTM's fused recurrence a second time (retain_graph=True): its compiled "

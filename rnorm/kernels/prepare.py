@@ -12,15 +12,19 @@ import torch
 from torch import Tensor
 
 from rnorm.functional.distributed import global_step_counts
+from rnorm.kernels.precision import products_precision
 from rnorm.kernels.schema import RecurrenceArgs
 from rnorm.kernels.spec import LayerSpec, SiteSpec, SiteStatistics
 
 __all__ = ["prepare", "sequence_to_affine"]
 
 
-def prepare(spec: LayerSpec, x: Tensor, h0: Tensor, c0: Tensor, mask: Tensor | None, backend: str) -> tuple[RecurrenceArgs, dict[str, SiteStatistics]]:
+def prepare(
+    spec: LayerSpec, x: Tensor, h0: Tensor, c0: Tensor, mask: Tensor | None, backend: str, precision: str | None = None
+) -> tuple[RecurrenceArgs, dict[str, SiteStatistics]]:
     """The arguments of ``rnorm::lstm_recurrence`` for ``spec`` on ``x`` ``(T, B, D)``, and the
-    statistics computed here (a ``sequence`` input site's, for its population statistics)."""
+    statistics computed here (a ``sequence`` input site's, for its population statistics).
+    ``precision``: the products' (:mod:`rnorm.kernels.precision`); ``None``: resolved for ``x`` now."""
     num_steps, batch_size = x.shape[0], x.shape[1]
     hidden = spec.hidden_size
     gates = 4 * hidden
@@ -89,6 +93,7 @@ def prepare(spec: LayerSpec, x: Tensor, h0: Tensor, c0: Tensor, mask: Tensor | N
         synchronized=spec.synchronized,
         save=save,
         backend=backend,
+        precision=products_precision(x.device, dtype) if precision is None else precision,
     )
     return args, statistics
 

@@ -23,9 +23,8 @@ from __future__ import annotations
 import dataclasses
 import typing
 from collections.abc import Iterator, Sequence
-from typing import Any, Optional, TypeVar
+from typing import Any, TypeVar
 
-import torch
 from torch import Tensor
 
 __all__ = [
@@ -70,26 +69,27 @@ class RecurrenceArgs:
     """
 
     source: Tensor  #: ``(T, B, D)`` the input; ``(T, B, G)`` the input terms when ``input_kind`` is ``"given"``
-    input_weight: Optional[Tensor]  #: ``(G, D)`` ``W_x`` in z-space; ``None`` when the terms are given
+    input_weight: Tensor | None  #: ``(G, D)`` ``W_x`` in z-space; ``None`` when the terms are given
     recurrent_weight: Tensor  #: ``(G, H)`` ``W_h`` (in z-space when the recurrent site is the identity)
-    shift: Optional[Tensor]  #: ``(1 or T, G)`` every additive term of the gates (bias, site shifts), z-space
-    input_scale: Optional[Tensor]  #: affine ``(1 or T, G)``; normalizing: γ ``(G,)``; z-space
-    recurrent_scale: Optional[Tensor]  #: likewise
-    cell_scale: Optional[Tensor]  #: affine ``(1 or T, H)``; normalizing: γ ``(H,)``; doubled
-    cell_shift: Optional[Tensor]  #: ``(1 or T, H)`` or β ``(H,)``; doubled
+    shift: Tensor | None  #: ``(1 or T, G)`` every additive term of the gates (bias, site shifts), z-space
+    input_scale: Tensor | None  #: affine ``(1 or T, G)``; normalizing: γ ``(G,)``; z-space
+    recurrent_scale: Tensor | None  #: likewise
+    cell_scale: Tensor | None  #: affine ``(1 or T, H)``; normalizing: γ ``(H,)``; doubled
+    cell_shift: Tensor | None  #: ``(1 or T, H)`` or β ``(H,)``; doubled
     h0: Tensor  #: ``(B, H)``
     c0: Tensor  #: ``(B, H)``
-    mask: Optional[Tensor]  #: ``(T, B)`` boolean, ``True`` on real steps; ``None``: no padding
+    mask: Tensor | None  #: ``(T, B)`` boolean, ``True`` on real steps; ``None``: no padding
     weights: Tensor  #: ``(T or 1, B)``: each step's batch mean is ``weights[t] @ u`` (mask over count)
     counts: Tensor  #: ``(T,)`` unpadded samples per step (of the global batch when synchronized)
-    hidden_scale: Optional[Tensor]  #: Norm-Prop's constant on ``h_t``, ``(1,)`` or ``(H,)``; no gradient
+    hidden_scale: Tensor | None  #: Norm-Prop's constant on ``h_t``, ``(1,)`` or ``(H,)``; no gradient
     input_kind: str  #: a step kind of :data:`~rnorm.kernels.STEP_KINDS`, or ``"given"``
     recurrent_kind: str
     cell_kind: str
     eps: list[float]  #: input, recurrent, cell
     synchronized: bool  #: batch statistics all-reduced over the default process group at each step
     save: bool  #: keep what the backward reads (training with gradients)
-    backend: str  #: ``"auto"``, ``"native"`` or ``"torch"`` (see :func:`rnorm.kernels.op.resolve_backend`)
+    backend: str  #: one of :data:`rnorm.kernels.op.BACKENDS` (see :func:`rnorm.kernels.op.resolve_backend`)
+    precision: str  #: the products' operand precision (:mod:`rnorm.kernels.precision`): ieee, tf32, bf16, fp16
 
 
 @dataclasses.dataclass
@@ -150,16 +150,16 @@ class BackwardArgs:
     output: Tensor  #: the forward's output: ``h_t`` where ``states_h`` is absent
     saved: Saved
     source: Tensor
-    input_weight: Optional[Tensor]
+    input_weight: Tensor | None
     recurrent_weight: Tensor
-    input_scale: Optional[Tensor]
-    recurrent_scale: Optional[Tensor]
-    cell_scale: Optional[Tensor]
+    input_scale: Tensor | None
+    recurrent_scale: Tensor | None
+    cell_scale: Tensor | None
     h0: Tensor
-    mask: Optional[Tensor]
+    mask: Tensor | None
     weights: Tensor
     counts: Tensor
-    hidden_scale: Optional[Tensor]
+    hidden_scale: Tensor | None
     shift_shape: list[int]  #: the forward's ``shift``'s shape (``[]``: none)
     cell_shift_shape: list[int]  #: its ``cell_shift``'s (``[]``: none)
     input_kind: str
@@ -167,6 +167,7 @@ class BackwardArgs:
     cell_kind: str
     synchronized: bool
     backend: str
+    precision: str  #: the forward's
 
 
 @dataclasses.dataclass
@@ -222,7 +223,7 @@ _END = object()
 
 
 def _build(cls: type[_T], items: Iterator[Any]) -> _T:
-    values = {}
+    values: dict[str, Any] = {}
     for name, nested in _LAYOUTS[cls]:
         if nested is not None:
             values[name] = _build(nested, items)
@@ -236,7 +237,7 @@ def _build(cls: type[_T], items: Iterator[Any]) -> _T:
 
 _TYPES = {
     Tensor: "Tensor",
-    Optional[Tensor]: "Tensor?",
+    Tensor | None: "Tensor?",
     str: "str",
     bool: "bool",
     int: "int",

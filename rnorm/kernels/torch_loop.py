@@ -118,122 +118,119 @@ class _Site:
 # -- forward -------------------------------------------------------------------------------------
 
 
-def forward(args: RecurrenceArgs) -> RecurrenceOutputs:  # noqa: C901, PLR0912, PLR0915
-    """The time loop without autograd (eq. 4–8 in z-space); the results of ``rnorm::lstm_recurrence``."""
+class _Gates:
+    """The gates' z-space pre-activation of a step (eq. 4): the input term plus every shift plus the
+    recurrent term, each site normalized as its kind says, written into a ``(B, 4H)`` buffer."""
+
+    def __init__(self, args: RecurrenceArgs, in_site: _Site, rec_site: _Site, buffer: Tensor) -> None:
+        self.in_site, self.rec_site, self.z = in_site, rec_site, buffer
+        self.source, self.shift = args.source, args.shift
+        self.in_weight_t = None if args.input_weight is None else args.input_weight.t()  # (D, 4H)
+        self.rec_weight_t = args.recurrent_weight.t()  # (H, 4H): h @ W^T as a transposed GEMM, without a copy
+        self.input_kind, self.rec_kind = in_site.buffers.kind, rec_site.buffers.kind
+        # BN-LSTM under DDP: both terms normalized together, 2 all-reduces per step instead of 4
+        self.paired = args.synchronized and self.input_kind == self.rec_kind == "batch"
+
+    def __call__(self, t: int, s: int, h: Tensor, w: Tensor) -> Tensor:
+        z, in_site, rec_site = self.z, self.in_site, self.rec_site
+        if self.paired:
+            torch.mm(self.source[t], self.in_weight_t, out=in_site.buffers.norm[s])
+            torch.mm(h, self.rec_weight_t, out=rec_site.buffers.norm[s])
+            _batch_normalize([in_site.batch_term(s, t), rec_site.batch_term(s, t)], w, synchronized=True)
+        base = self._input_term(t, s, w)
+        if self.rec_kind == "identity":
+            if base is z:
+                return z.addmm_(h, self.rec_weight_t)
+            return torch.addmm(base, h, self.rec_weight_t, out=z)
+        if self.paired:
+            v, scale = rec_site.buffers.norm[s], rec_site.buffers.scale
+        else:
+            v, scale = rec_site.term(torch.mm(h, self.rec_weight_t, out=rec_site.raw_out(s)), s, t, w)
+        if base is z:
+            return z.addcmul_(v, scale)
+        return torch.addcmul(base, v, scale, out=z)
+
+    def _input_term(self, t: int, s: int, w: Tensor) -> Tensor:
+        """The input term plus every shift: ``z`` written, or the given terms' row ``t``."""
+        z, source = self.z, self.source
+        if self.input_kind == "given":
+            return source[t]
+        shift_t = _row(self.shift, t)
+        if self.input_kind == "identity":
+            if shift_t is None:
+                return torch.mm(source[t], self.in_weight_t, out=z)
+            return torch.addmm(shift_t, source[t], self.in_weight_t, out=z)
+        if self.paired:  # normalized with the recurrent term
+            v, scale = self.in_site.buffers.norm[s], self.in_site.buffers.scale
+        else:
+            v, scale = self.in_site.term(torch.mm(source[t], self.in_weight_t, out=self.in_site.raw_out(s)), s, t, w)
+        if shift_t is None:
+            return torch.mul(v, scale, out=z)
+        return torch.addcmul(shift_t, v, scale, out=z)
+
+
+def forward(args: RecurrenceArgs) -> RecurrenceOutputs:
+    """The time loop without autograd (eq. 4–11 in z-space); the results of ``rnorm::lstm_recurrence``."""
     outputs, states_h = allocate_outputs(args)
     dims = Dims.of(args)
-    hidden, gates, save = dims.hidden, dims.gates, args.save
+    hidden, save, masked = dims.hidden, args.save, args.mask is not None
     new = args.source.new_empty
-    masked = args.mask is not None
-    mask = keep = None
-    if masked:
-        keep = args.mask.unsqueeze(2)  # (T, B, 1)
-        mask = keep.to(args.source.dtype)
+    keep = None if not masked else args.mask.unsqueeze(2)  # (T, B, 1)
     weights = args.weights.unsqueeze(1)  # (T or 1, 1, B)
-    per_step_weights = weights.shape[0] > 1
-    sync = args.synchronized
     in_site, rec_site, cell_site = (
-        _Site(site_buffers(args, outputs, site, scratch=not save), dims.features(site), sync) for site in SITES
+        _Site(site_buffers(args, outputs, site, scratch=not save), dims.features(site), args.synchronized) for site in SITES
     )
-    input_kind, rec_kind, cell_kind = in_site.buffers.kind, rec_site.buffers.kind, cell_site.buffers.kind
-    paired = sync and input_kind == rec_kind == "batch"  # BN-LSTM under DDP: 2 all-reduces per step, not 4
-    rec_weight_t = args.recurrent_weight.t()  # (H, 4H): h @ W^T as a transposed GEMM, without a copy
-    in_weight_t = None if args.input_weight is None else args.input_weight.t()  # (D, 4H)
-    source, shift, cell_shift, hidden_scale = args.source, args.shift, args.cell_shift, args.hidden_scale
-
+    gates = _Gates(args, in_site, rec_site, new(dims.batch, dims.gates))
     saved = outputs.saved
-    states_c = saved.states_c if save else None
-    activations = saved.act if save else new(1, dims.batch, gates)  # σ(i), σ(f), tanh(g), σ(o)
+    activations = saved.act if save else new(1, dims.batch, dims.gates)  # σ(i), σ(f), tanh(g), σ(o)
     tanh_cell = saved.tanh_cell if save else new(1, dims.batch, hidden)
     separate = masked or not save  # else outputs and cells are the saved states
-    output = outputs.output
-    if not separate:
-        cell_new = None
-    else:
-        cell_new = saved.cell_new if save else new(2, dims.batch, hidden)
-    gate_buffer = new(dims.batch, gates)
+    cell_new = None if not separate else saved.cell_new if save else new(2, dims.batch, hidden)
     cell_out = new(dims.batch, hidden)  # 2ĉ
-
+    states_c = saved.states_c if save else None
     h, c = args.h0, args.c0
     if save:
-        states_h[0] = args.h0
-        states_c[0] = args.c0
+        states_h[0], states_c[0] = h, c
         h, c = states_h[0], states_c[0]
     g_block = slice(2 * hidden, 3 * hidden)
     for t in range(dims.steps):
         s = t if save else 0
-        w = weights[t] if per_step_weights else weights[0]  # (1, B)
-        z = gate_buffer
-        # -- the input term plus every shift (eq. 4), in z-space -----------------------------------
-        if input_kind == "given":
-            base = source[t]
-        else:
-            shift_t = _row(shift, t)
-            if input_kind == "identity":
-                if shift_t is None:
-                    torch.mm(source[t], in_weight_t, out=z)
-                else:
-                    torch.addmm(shift_t, source[t], in_weight_t, out=z)
-            else:
-                if paired:  # both terms normalized together: their all-reduces shared
-                    torch.mm(source[t], in_weight_t, out=in_site.buffers.norm[s])
-                    torch.mm(h, rec_weight_t, out=rec_site.buffers.norm[s])
-                    _batch_normalize([in_site.batch_term(s, t), rec_site.batch_term(s, t)], w, synchronized=True)
-                    v, scale = in_site.buffers.norm[s], in_site.buffers.scale
-                else:
-                    v, scale = in_site.term(torch.mm(source[t], in_weight_t, out=in_site.raw_out(s)), s, t, w)
-                if shift_t is None:
-                    torch.mul(v, scale, out=z)
-                else:
-                    torch.addcmul(shift_t, v, scale, out=z)
-            base = z
-        # -- plus the recurrent term ---------------------------------------------------------------
-        if rec_kind == "identity":
-            if base is z:
-                z.addmm_(h, rec_weight_t)
-            else:
-                torch.addmm(base, h, rec_weight_t, out=z)
-        else:
-            if paired:
-                v, scale = rec_site.buffers.norm[s], rec_site.buffers.scale
-            else:
-                v, scale = rec_site.term(torch.mm(h, rec_weight_t, out=rec_site.raw_out(s)), s, t, w)
-            if base is z:
-                z.addcmul_(v, scale)
-            else:
-                torch.addcmul(base, v, scale, out=z)
-        act = torch.sigmoid(z, out=activations[s])  # eq. 5
+        w = weights[t] if weights.shape[0] > 1 else weights[0]  # (1, B)
+        act = torch.sigmoid(gates(t, s, h, w), out=activations[s])  # eq. 5
         act[:, g_block].mul_(2.0).sub_(1.0)  # tanh of the (undoubled) g pre-activation
-        i, f, g, o = act[:, :hidden], act[:, hidden : 2 * hidden], act[:, g_block], act[:, 3 * hidden :]
-        # -- cell (eq. 6) ------------------------------------------------------------------------------
+        # -- cell (eq. 6) ---------------------------------------------------------------------------
         if not separate:
             c_new = states_c[t + 1]
         else:
             c_new = cell_new[s] if save else cell_new[t % 2]  # two rows: c of the last step stays intact
-        torch.mul(f, c, out=c_new).addcmul_(i, g)
-        # -- normalized cell and output (eq. 7–8) ------------------------------------------------
-        if cell_kind == "identity":
-            c_hat = torch.mul(c_new, 2.0, out=cell_out)
-        else:
-            v, scale = cell_site.term(c_new, s, t, w)  # affine: its scale's gradient reads c_new, saved anyway
-            cshift = _row(cell_shift, t)
-            c_hat = torch.mul(v, scale, out=cell_out) if cshift is None else torch.addcmul(cshift, v, scale, out=cell_out)
-        tc = torch.sigmoid(c_hat, out=tanh_cell[s]).mul_(2.0).sub_(1.0)  # tanh(ĉ)
-        h_new = output[t] if separate else states_h[t + 1]
-        torch.mul(o, tc, out=h_new)
-        if hidden_scale is not None:
-            h_new.mul_(hidden_scale)
-        # -- padding: ended sequences keep their state, and output 0 (eq. 11) ------------------------
+        torch.mul(act[:, hidden : 2 * hidden], c, out=c_new).addcmul_(act[:, :hidden], act[:, g_block])
+        # -- normalized cell and output (eq. 7–8) ---------------------------------------------
+        tc = torch.sigmoid(_doubled_cell(cell_site, c_new, args.cell_shift, s, t, w, cell_out), out=tanh_cell[s])
+        tc.mul_(2.0).sub_(1.0)  # tanh(ĉ)
+        h_new = outputs.output[t] if separate else states_h[t + 1]
+        torch.mul(act[:, 3 * hidden :], tc, out=h_new)
+        if args.hidden_scale is not None:
+            h_new.mul_(args.hidden_scale)
+        # -- padding: ended sequences keep their state, and output 0 (eq. 11) ---------------------
         if masked:
             kept = keep[t]  # (B, 1)
             h = torch.where(kept, h_new, h, out=states_h[t + 1]) if save else torch.where(kept, h_new, h)
             c = torch.where(kept, c_new, c, out=states_c[t + 1]) if save else torch.where(kept, c_new, c)
-            h_new.mul_(mask[t])
+            h_new.mul_(kept)
         else:
             h, c = h_new, c_new
     outputs.h_n.copy_(h)
     outputs.c_n.copy_(c)
     return outputs
+
+
+def _doubled_cell(site: _Site, c_new: Tensor, cell_shift: Tensor | None, s: int, t: int, w: Tensor, out: Tensor) -> Tensor:
+    """``2ĉ_t`` (eq. 7) into ``out``: the cell site's output with its scale and shift doubled (eq. 3)."""
+    if site.buffers.kind == "identity":
+        return torch.mul(c_new, 2.0, out=out)
+    v, scale = site.term(c_new, s, t, w)  # affine: its scale's gradient reads c_new, saved anyway
+    shift = _row(cell_shift, t)
+    return torch.mul(v, scale, out=out) if shift is None else torch.addcmul(shift, v, scale, out=out)
 
 
 # -- backward ------------------------------------------------------------------------------------
@@ -263,7 +260,7 @@ def _batch_means(items: list[tuple], w: Tensor, synchronized: bool) -> list[tupl
     return list(zip(local[0::2], local[1::2]))
 
 
-def _batch_derivative(dy, xhat, rstd, gamma, mean_dy, mean_dy_xhat, step_mask, out):  # noqa: ANN001, ANN202
+def _batch_derivative(dy, xhat, rstd, gamma, mean_dy, mean_dy_xhat, step_mask, out):
     """``∂loss/∂u`` of batch normalization from the batch means of ``dy`` and ``dy x̂`` ``(1, F)`` (eq. 13)."""
     du = torch.mul((dy - mean_dy).addcmul_(xhat, mean_dy_xhat, value=-1.0), gamma * rstd, out=out)
     return du if step_mask is None else du.mul_(step_mask)  # padded rows entered no statistic
@@ -272,16 +269,16 @@ def _batch_derivative(dy, xhat, rstd, gamma, mean_dy, mean_dy_xhat, step_mask, o
 class _BackSite:
     """A site in the backward loop: its saved x̂ and ``1/std``, scale, and where γ's sums go."""
 
-    def __init__(self, kind: str, norm: Tensor, rstd: Tensor, scale: Tensor | None, sums, features: int, like: Tensor, synchronized: bool) -> None:  # noqa: ANN001
+    def __init__(self, kind: str, norm: Tensor, rstd: Tensor, scale: Tensor | None, sums, features: int, like: Tensor, synchronized: bool) -> None:
         self.kind = None if kind == "given" else get_kind(kind)
         self.norm, self.rstd, self.scale, self.sums, self.synchronized = norm, rstd, scale, sums, synchronized
         self.layer_weights = _layer_weights(like, features) if self.kind is not None and self.kind.per_row else None
 
-    def sums_at(self, t: int):  # noqa: ANN201
+    def sums_at(self, t: int):
         return None if self.sums is None else (self.sums[0][t], self.sums[1][t])
 
 
-def backward(args: BackwardArgs) -> Gradients:  # noqa: C901, PLR0915
+def backward(args: BackwardArgs) -> Gradients:
     """Back through time with torch operations (eq. 11–16): the gradients of ``rnorm::lstm_recurrence``'s inputs."""
     saved = args.saved
     act, tanh_cell, states_c = saved.act, saved.tanh_cell, saved.states_c

@@ -26,7 +26,7 @@ from functools import partial
 
 from torch import Tensor
 
-from rnorm import kernels
+from rnorm.kernels import LayerSpec, Path, SiteSpec, log_path, lstm_layer
 from rnorm.nn.cell import NormLSTMCell
 from rnorm.nn.recurrence import reference_recurrence
 from rnorm.norms.base import FusedStep
@@ -69,8 +69,8 @@ def reference_layer(
     )
 
 
-def _site(fused: FusedStep) -> kernels.SiteSpec:
-    return kernels.SiteSpec(fused.kind, fused.scale, fused.shift, fused.eps, fused.synchronized)
+def _site(fused: FusedStep) -> SiteSpec:
+    return SiteSpec(fused.kind, fused.scale, fused.shift, fused.eps, fused.synchronized)
 
 
 def fused_layer(
@@ -111,7 +111,7 @@ def fused_layer(
     else:
         source, input_site, bias = x, _site(inp), cell.bias
         input_weight = cell.input_norm.transform_weight(cell.weight_ih)
-    spec = kernels.LayerSpec(
+    spec = LayerSpec(
         recurrent_weight=cell.recurrent_norm.transform_weight(cell.weight_hh),
         recurrent=_site(rec),
         cell=_site(cel),
@@ -120,7 +120,7 @@ def fused_layer(
         bias=bias,
         hidden_scale=cell.cell_norm.hidden_scale,
     )
-    result = kernels.lstm_layer(spec, source, h0, c0, mask, backend=backend)
+    result = lstm_layer(spec, source, h0, c0, mask, backend=backend)
     for site, fused in (("input", inp), ("recurrent", rec), ("cell", cel)):
         statistics = result.statistics.get(site)
         if statistics is not None and fused.record is not None:
@@ -145,7 +145,7 @@ def _reference(
         raise ValueError(
             f"impl='cudnn': this layer is not a plain LSTM after its weight transform: {reason}. Use impl 'fused'."
         )
-    kernels.log_path(kernels.Path("reference", reason))
+    log_path(Path("reference", reason))
     return reference_layer(cell, x, h0, c0, mask, hidden_probe)
 
 
@@ -153,20 +153,23 @@ def _forced_reference(
     cell: NormLSTMCell, x: Tensor, h0: Tensor, c0: Tensor, mask: Tensor | None, hidden_probe: Tensor | None = None
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """:func:`reference_layer`, logged once as asked for."""
-    kernels.log_path(kernels.Path("reference", "impl 'reference' was asked for"))
+    log_path(Path("reference", "impl 'reference' was asked for"))
     return reference_layer(cell, x, h0, c0, mask, hidden_probe)
 
 
 #: Implementations of one direction of one layer by name; each takes and returns what
 #: :func:`reference_layer` does. ``fused`` is :func:`rnorm.kernels.lstm_layer` with its best path for
 #: the device (torch's LSTM where the layer is a plain LSTM after its weight transform and that is
-#: faster, else the op with the compiled kernels on CPU where built); ``fused_torch`` the same op with
-#: its torch-ops loop everywhere (allows backward through one graph more than once); ``cudnn`` torch's
-#: own LSTM (an error where the layer is not a plain LSTM after its weight transform); ``reference``
-#: the per-step loop of the papers' equations.
+#: faster, else the op with its best implementation: the compiled kernels on CPU where built, the
+#: Triton kernels on CUDA where they run); ``fused_torch`` the same op with its torch-ops loop
+#: everywhere (allows backward through one graph more than once); ``triton`` the same op with the
+#: Triton kernels (CUDA; CPU tensors under ``TRITON_INTERPRET=1``; an error naming the reason
+#: elsewhere); ``cudnn`` torch's own LSTM (an error naming the reason where the layer is not a plain
+#: LSTM after its weight transform); ``reference`` the per-step loop of the papers' equations.
 RECURRENCES: dict[str, Recurrence] = {
     "fused": fused_layer,
     "fused_torch": partial(fused_layer, backend="torch"),
+    "triton": partial(fused_layer, backend="triton"),
     "cudnn": partial(fused_layer, backend="cudnn"),
     "reference": _forced_reference,
 }

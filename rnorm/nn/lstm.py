@@ -42,13 +42,15 @@ class NormLSTM(nn.Module):
         impl: the recurrence implementation: ``fused`` (default: the fastest path for the layer
             and device: torch's own LSTM where the layer is a plain LSTM after its weight
             transform and that is faster (cuDNN on CUDA), else the op of :mod:`rnorm.kernels`, its
-            per-step work in the compiled CPU kernels where they are built; the reference loop for
-            strategies without a fused form), ``fused_torch`` (the op with torch operations per
-            step; allows backward through one graph more than once), ``cudnn`` (torch's own LSTM;
-            an error naming the reason where the layer is not a plain LSTM after its weight
-            transform) or ``reference`` (the per-step loop of the papers' equations); see
-            :data:`rnorm.nn.dispatch.RECURRENCES`. The path taken is logged once at INFO on the
-            ``rnorm.kernels`` logger (docs/performance.md, "Which path runs where").
+            per-step work in the compiled CPU kernels where they are built and in the Triton
+            kernels on CUDA; the reference loop for strategies without a fused form),
+            ``fused_torch`` (the op with torch operations per step; allows backward through one
+            graph more than once), ``triton`` (the op with the Triton kernels, forced: CUDA, or CPU
+            tensors under ``TRITON_INTERPRET=1``), ``cudnn`` (torch's own LSTM; an error naming the
+            reason where the layer is not a plain LSTM after its weight transform) or ``reference``
+            (the per-step loop of the papers' equations); see :data:`rnorm.nn.dispatch.RECURRENCES`.
+            The path taken is logged once at INFO on the ``rnorm.kernels`` logger
+            (docs/performance.md, "Which path runs where").
 
     Example:
         >>> import torch
@@ -330,11 +332,21 @@ class NormLSTM(nn.Module):
         lonely = (counts == 1).nonzero()
         if lonely.numel():
             step = int(lonely[0])
+            if int(counts[0]) == 1:
+                cause = (
+                    "The batch holds a single sequence: usually an epoch's last batch (the number of training "
+                    "examples modulo the batch size). rnorm's data modules merge it into the batch before "
+                    "(last_batch: auto); with your own DataLoader, drop or merge it."
+                )
+            else:
+                cause = (
+                    "Only one sequence of the batch is this long: batch sequences of similar length together, or "
+                    "crop at the batch's second-longest length (QADataModule's trim_unshared_tail)."
+                )
             raise ValueError(
-                f"Batch normalization in training needs at least 2 unpadded samples at every step, "
-                f"but step {step} has only 1 ({batch}). Use a larger batch, batch "
-                f"sequences of similar length together, or a strategy without batch statistics "
-                f"('ln', 'normprop') or 'seqbn' on the input site."
+                f"Batch normalization in training needs at least 2 unpadded samples at every step, but step {step} "
+                f"has only 1 ({batch}). {cause} Or use a strategy without batch statistics ('ln', 'normprop'), or "
+                f"'seqbn' on the input site."
             )
         return int((counts > 0).sum())  # counts never grow with t: the longest sequence's length
 

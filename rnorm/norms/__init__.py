@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 from rnorm.norms.base import SITES, FusedStep, Normalizer
 from rnorm.norms.batch_norm import BatchStatisticsNorm, SequenceBatchNorm, TimeBatchNorm, set_statistics_sync
@@ -25,7 +25,7 @@ from rnorm.norms.weight_norm import WeightNorm
 
 #: What a layer accepts where a strategy is expected: a registered name, a Normalizer subclass,
 #: a ``functools.partial`` of one, or a built instance (copied for every layer and direction).
-NormalizerSpec = Union[str, type, functools.partial, Normalizer]
+NormalizerSpec = str | type | functools.partial | Normalizer
 
 
 def available() -> dict[str, str]:

@@ -40,6 +40,9 @@ class BatchStatisticsNorm(Normalizer):
     """
 
     batch_statistics = "step"
+    running_mean: Tensor  # (S, F) buffers: see _grow
+    running_var: Tensor
+    num_batches_tracked: Tensor
 
     def __init__(
         self,
@@ -115,7 +118,7 @@ class BatchStatisticsNorm(Normalizer):
         self.running_var = self.running_var.new_zeros(0, self.num_features)
         self.num_batches_tracked = self.num_batches_tracked.new_zeros(0)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Population statistics change shape as T_max grows: take the checkpoint's shape.
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             key = prefix + name
@@ -216,7 +219,7 @@ class SequenceBatchNorm(BatchStatisticsNorm):
     supported_sites = frozenset({"input"})
     batch_statistics = "sequence"
 
-    def __init__(self, site: str, num_features: int, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, site: str, num_features: int, **kwargs) -> None:
         super().__init__(site, num_features, **kwargs)
         self._grow(1)  # one slot, from the start
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from rnorm.functional.normprop import DEFAULT_QUADRATURE_POINTS, normprop_variances
 from rnorm.norms.base import FusedStep, Normalizer

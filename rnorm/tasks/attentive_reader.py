@@ -42,11 +42,12 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from rnorm import norms
-from rnorm.nn import NormLSTM
 from rnorm.functional.masking import lengths_to_mask
+from rnorm.nn import NormLSTM
+from rnorm.nn.normalized_sum import NormalizedSum
 from rnorm.tasks.base import EncoderFactory, RecurrentTask, orthogonal_linear
 
-__all__ = ["AttentionReadout", "AttentiveReader", "NormalizedSum", "ReaderOutput"]
+__all__ = ["AttentionReadout", "AttentiveReader", "ReaderOutput"]
 
 
 class ReaderOutput(NamedTuple):
@@ -57,39 +58,6 @@ class ReaderOutput(NamedTuple):
     attention: Tensor
 
 
-class NormalizedSum(nn.Module):
-    """``Σ_i N_i(W_i x_i) + b``: the argument of one of the reader's tanh nonlinearities.
-
-    Each term has its own weight (orthogonally initialized, no bias) and its own normalizer, built
-    from ``norm`` at the ``input`` site; weight-based strategies (``wn``, ``normprop``) transform
-    the weight, activation-based ones the product.
-
-    Args:
-        in_features: the width of each input.
-        out_features: the width of the sum.
-        norm: a registered strategy name (``none``, ``bn``, ``seqbn``, ``ln``, …).
-        norm_kwargs: its hyperparameters.
-    """
-
-    def __init__(
-        self, in_features: list[int], out_features: int, norm: str = "none", norm_kwargs: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__()
-        factory = norms.resolve(norm, **(norm_kwargs or {}))
-        self.weights = nn.ParameterList(nn.Parameter(torch.empty(out_features, n)) for n in in_features)
-        for weight in self.weights:
-            nn.init.orthogonal_(weight)
-        self.norms = nn.ModuleList(factory(site="input", num_features=out_features) for _ in in_features)
-        self.bias = nn.Parameter(torch.zeros(out_features))
-
-    def forward(self, *terms: tuple[Tensor, Tensor | None]) -> Tensor:
-        """Terms ``(x, mask)``: ``x`` ``(T, B, in)``, a ``(T, B)`` mask or ``None``; their sum ``(T, B, out)``."""
-        total = self.bias
-        for (x, mask), weight, norm in zip(terms, self.weights, self.norms):
-            total = total + norm(F.linear(x, norm.transform_weight(weight)), mask)
-        return total
-
-
 class AttentionReadout(nn.Module):
     """``m(t)``, the attention ``s(t)`` over unpadded positions, and the read vector ``r``.
 
@@ -97,7 +65,7 @@ class AttentionReadout(nn.Module):
         document_size: width of ``y_d(t)``.
         query_size: width of ``u``.
         attention_size: width of ``m(t)``.
-        norm: the strategy of ``N_ym`` and ``N_um`` (see :class:`NormalizedSum`).
+        norm: the strategy of ``N_ym`` and ``N_um`` (see :class:`~rnorm.nn.NormalizedSum`).
         norm_kwargs: its hyperparameters.
     """
 
@@ -123,7 +91,7 @@ class AttentionReadout(nn.Module):
         return s, r
 
 
-class AttentiveReader(RecurrentTask):
+class AttentiveReader(RecurrentTask[NormLSTM]):
     """Hermann et al.'s Attentive Reader: embeddings, NormLSTM encoders, attention, an entity softmax.
 
     Batches are the dicts of :class:`rnorm.data.QADataModule`: ``document`` ``(B, Td)``,
@@ -268,11 +236,18 @@ class AttentiveReader(RecurrentTask):
         self._step(batch, "test")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """``{"prediction": (B,) entity, "probabilities": (B, E), "attention": (B, Td)}``."""
+        """``{"prediction": (B,) entity, "probabilities": (B, E), "attention": (B, Td), "document_lengths": (B,),
+        "answer": (B,)}``."""
         out = self._read_batch(batch)
         some = batch["candidates"].any(dim=1, keepdim=True)
         probabilities = torch.where(some, out.logits.softmax(dim=1), 0.0)  # no candidate: no probability
-        return {"prediction": out.logits.argmax(dim=1), "probabilities": probabilities, "attention": out.attention}
+        return {
+            "prediction": out.logits.argmax(dim=1),
+            "probabilities": probabilities,
+            "attention": out.attention,
+            "document_lengths": batch["document_lengths"],
+            "answer": batch["answer"],
+        }
 
     def population_forward(self, batch: dict[str, Tensor]) -> None:
         """The training forward pass: encoders and the normalized attention terms see the batch as in training."""

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from rnorm.nn import NormLSTM
+from rnorm.nn import NormLSTM, NormLSTMCell
 
 #: Builds the recurrent encoder from its input size. In YAML a class path with init_args, e.g.
 #: ``{class_path: rnorm.nn.NormLSTM, init_args: {hidden_size: 100, input_norm: bn}}``.
 EncoderFactory = Callable[[int], NormLSTM]
+
+#: What a task's ``encoder`` is: a :class:`~rnorm.nn.NormLSTM` layer over whole sequences, or a
+#: :class:`~rnorm.nn.NormLSTMCell` stepped by the task itself (DRAW).
+EncoderT = TypeVar("EncoderT", NormLSTM, NormLSTMCell)
 
 
 def orthogonal_linear(in_features: int, out_features: int) -> nn.Linear:
@@ -26,15 +31,17 @@ def orthogonal_linear(in_features: int, out_features: int) -> nn.Linear:
     return head
 
 
-class RecurrentTask(LightningModule):
-    """Base of the task modules: a :class:`~rnorm.nn.NormLSTM` encoder plus a task head.
+class RecurrentTask(LightningModule, ABC, Generic[EncoderT]):
+    """Base of the task modules: a recurrent encoder (``RecurrentTask[NormLSTM]``, or
+    ``RecurrentTask[NormLSTMCell]`` for a task that steps a cell itself) plus a task head.
 
     Sizes that depend on the data (input size, classes, vocabulary) may be left ``None``: they are
     then read from the data module in :meth:`setup` and recorded in the hyperparameters, so that
-    checkpoints rebuild the same network.
+    checkpoints rebuild the same network. A subclass implements :meth:`build` and
+    :meth:`population_forward` (abstract: a subclass without them cannot be instantiated).
 
     Args:
-        encoder: builds the NormLSTM from its input size.
+        encoder: builds the encoder from its input size.
         optimizer: builds the optimizer from the parameters.
         lr_scheduler: optional; builds a scheduler from the optimizer.
         lr_scheduler_interval: step the scheduler every optimizer ``step`` or every ``epoch``.
@@ -45,26 +52,26 @@ class RecurrentTask(LightningModule):
 
     def __init__(
         self,
-        encoder: EncoderFactory,
+        encoder: Callable[[int], EncoderT],
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
     ) -> None:
         super().__init__()
-        self.encoder_factory = encoder
+        self.encoder_factory: Callable[[int], EncoderT] = encoder
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
-        self.encoder: NormLSTM | None = None
+        self.encoder: EncoderT | None = None
 
     # -- building --------------------------------------------------------------------------------
     def _build_if_sized(self) -> None:
         if self.encoder is None and all(self.hparams.get(name) is not None for name in self.data_sizes):
             self.build()
 
+    @abstractmethod
     def build(self) -> None:
         """Create the encoder and head once every size in :attr:`data_sizes` is known."""
-        raise NotImplementedError
 
     def setup(self, stage: str) -> None:
         if self.encoder is not None:
@@ -123,9 +130,9 @@ class RecurrentTask(LightningModule):
         self.log("train/lr", float(optimizer.param_groups[0]["lr"]), on_step=True, on_epoch=False)
 
     # -- population statistics -------------------------------------------------------------------
+    @abstractmethod
     def population_forward(self, batch: Any) -> None:
         """Run the encoder on a training batch as in training (used to re-estimate BN statistics)."""
-        raise NotImplementedError
 
     @staticmethod
     def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:

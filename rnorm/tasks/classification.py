@@ -10,10 +10,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from rnorm.nn import NormLSTM
 from rnorm.tasks.base import EncoderFactory, RecurrentTask, orthogonal_linear
 
 
-class SequenceClassifier(RecurrentTask):
+class SequenceClassifier(RecurrentTask[NormLSTM]):
     """A NormLSTM encoder and a linear softmax classifier on its final hidden state.
 
     Batches are ``(x, y)`` or ``(x, y, lengths)``: ``x`` ``(B, T, D)``, ``y`` ``(B,)``; the final
@@ -83,10 +84,15 @@ class SequenceClassifier(RecurrentTask):
         self._step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        """``{"prediction": (B,), "probabilities": (B, num_classes)}``."""
-        x, _, lengths = self._unpack(batch) if isinstance(batch, (tuple, list)) and len(batch) > 1 else (batch, None, None)
+        """``{"prediction": (B,), "probabilities": (B, num_classes)}``, and ``"target"`` ``(B,)`` when
+        the batch has labels (``(x, y)`` or ``(x, y, lengths)``; a bare ``x`` has none)."""
+        if isinstance(batch, (tuple, list)):
+            x, y, lengths = self._unpack(batch)
+        else:
+            x, y, lengths = batch, None, None
         probabilities = self(x, lengths).softmax(dim=-1)
-        return {"prediction": probabilities.argmax(dim=-1), "probabilities": probabilities}
+        out = {"prediction": probabilities.argmax(dim=-1), "probabilities": probabilities}
+        return out if y is None else {**out, "target": y}
 
     def population_forward(self, batch: Any) -> None:
         x, _, lengths = self._unpack(batch)

@@ -31,18 +31,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from rnorm.nn import NormLSTMCell
 from rnorm.tasks.base import RecurrentTask, orthogonal_linear
-from rnorm.utils.png import image_grid, write_png
+from rnorm.utils.png import image_grid
 
 __all__ = [
     "DRAW",
@@ -173,7 +172,7 @@ class DRAWOutput(NamedTuple):
     log_sigma: Tensor  #: ``(T, B, Z)``.
 
 
-class DRAW(RecurrentTask):
+class DRAW(RecurrentTask[NormLSTMCell]):
     """DRAW on binarized images (Gregor et al. 2015; NP §5.2): training on the variational bound.
 
     Batches are ``(B, H·W)`` float tensors of 0/1 (or tuples whose first element is one), as
@@ -181,7 +180,8 @@ class DRAW(RecurrentTask):
     ``{train,val,test}/recon`` and ``/kl`` (its two terms), ``val/nll_bound`` and
     ``test/nll_bound``, all in nats per image. After each validation (not the sanity check) a grid
     of samples from the prior and one of validation images over their reconstructions are written
-    as PNG files to ``<log_dir>/samples/`` and, with a TensorBoard logger, logged as images.
+    as PNG files to ``<log_dir>/samples/`` and, with a TensorBoard logger, logged as images (the
+    callback :class:`~rnorm.callbacks.SampleGrids`, which the task adds itself).
 
     Args:
         encoder: builds the encoder cell from its input size (``2 read_size² + decoder hidden size``),
@@ -239,7 +239,6 @@ class DRAW(RecurrentTask):
         self.save_hyperparameters()
         self.decoder_factory = decoder
         self.decoder: NormLSTMCell | None = None
-        self._val_images: tuple[Tensor, Tensor] | None = None  # (originals, reconstructions) for the grid
         self._build_if_sized()
 
     # -- building --------------------------------------------------------------------------------
@@ -351,39 +350,50 @@ class DRAW(RecurrentTask):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._step(batch, "train")[0]
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Logs the bound; returns ``{"images", "reconstructions"}`` ``(B, H, W)`` for the sample grids."""
         _, x, output = self._step(batch, "val")
-        if batch_idx == 0 and self.hparams.num_samples > 0:
-            count = min(self.hparams.num_samples, len(x))
-            shape = (count, self.hparams.image_height, self.hparams.image_width)
-            self._val_images = x[:count].view(shape).cpu(), torch.sigmoid(output.logits[:count]).view(shape).cpu()
+        shape = (len(x), self.hparams.image_height, self.hparams.image_width)
+        return {"images": x.detach().view(shape), "reconstructions": torch.sigmoid(output.logits.detach()).view(shape)}
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        """``{"nll_bound", "recon", "kl"}``, each ``(B,)`` in nats."""
+        """``{"nll_bound", "recon", "kl"}``, each ``(B,)`` in nats, and ``reconstruction`` ``(B, H, W)``:
+        the pixel probabilities ``σ(c_T)``."""
         x = self._images(batch)
-        recon, kl = self.bound(x, self(x))
-        return {"nll_bound": recon + kl, "recon": recon, "kl": kl}
+        output = self(x)
+        recon, kl = self.bound(x, output)
+        shape = (len(x), self.hparams.image_height, self.hparams.image_width)
+        return {"nll_bound": recon + kl, "recon": recon, "kl": kl, "reconstruction": torch.sigmoid(output.logits).view(shape)}
 
     def population_forward(self, batch: Any) -> None:
         """One pass as in training (the population-statistics callback calls it for ``bn`` cells)."""
         self(self._images(batch))
 
     # -- sample grids ----------------------------------------------------------------------------
-    def sample_grids(self) -> dict[str, Tensor]:
-        """``{"prior": …, "reconstruction": …}`` grid images in [0, 1]: ``num_samples`` draws from the
-        prior (fixed noise from ``sample_seed``), and rows of the first validation images each above
-        its reconstruction (once a validation has run)."""
+    def configure_callbacks(self) -> list[Callback]:
+        """The sample grids after each validation (:class:`~rnorm.callbacks.SampleGrids`), unless ``num_samples`` is 0."""
+        from rnorm.callbacks.samples import SampleGrids
+
+        return [SampleGrids(self.hparams.num_samples)] if self.hparams.num_samples > 0 else []
+
+    def prior_samples(self) -> Tensor:
+        """``num_samples`` images from the prior ``(S, H, W)``, from the fixed noise of ``sample_seed``
+        (the same draws every time, so that successive grids are comparable)."""
         hp = self.hparams
-        count = hp.num_samples
-        columns = math.ceil(math.sqrt(count))
         generator = torch.Generator().manual_seed(hp.sample_seed)
-        noise = torch.randn(hp.glimpses, count, hp.latent_size, generator=generator)
-        grids = {"prior": image_grid(self.generate(count, noise).cpu(), columns)}
-        if self._val_images is not None:
-            originals, reconstructions = self._val_images
+        noise = torch.randn(hp.glimpses, hp.num_samples, hp.latent_size, generator=generator)
+        return self.generate(hp.num_samples, noise).cpu()
+
+    def sample_grids(self, originals: Tensor | None = None, reconstructions: Tensor | None = None) -> dict[str, Tensor]:
+        """``{"prior": …, "reconstruction": …}`` grid images in [0, 1]: :meth:`prior_samples`, and rows of
+        ``originals`` ``(n, H, W)`` each above its row of ``reconstructions`` (when given)."""
+        count = self.hparams.num_samples
+        columns = math.ceil(math.sqrt(count))
+        grids = {"prior": image_grid(self.prior_samples(), columns)}
+        if originals is not None and reconstructions is not None:
             n, height, width = originals.shape
             rows = math.ceil(n / columns)
             blank = originals.new_full((rows * columns - n, height, width), 0.5)
@@ -395,16 +405,6 @@ class DRAW(RecurrentTask):
             grids["reconstruction"] = image_grid(pairs.view(-1, height, width), columns)
         return grids
 
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or self.hparams.num_samples == 0:
-            return
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # every rank calls log_dir (a broadcast)
-        grids = self.sample_grids()
-        self._val_images = None
-        if not self.trainer.is_global_zero:
-            return
-        for name, grid in grids.items():
-            write_png(Path(log_dir) / "samples" / f"epoch={self.current_epoch:03d}-{name}.png", grid)
-            for logger in self.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_image(f"samples/{name}", grid.unsqueeze(0), global_step=self.global_step)
+    def prediction_extras(self) -> dict[str, Tensor]:
+        """Added to ``rnorm predict``'s file: ``samples``, :meth:`prior_samples` (none if ``num_samples`` is 0)."""
+        return {"samples": self.prior_samples()} if self.hparams.num_samples > 0 else {}

@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from rnorm.metrics import BitsPerCharacter
 from rnorm.functional.masking import lengths_to_mask
+from rnorm.metrics import BitsPerCharacter
+from rnorm.nn import NormLSTM
 from rnorm.tasks.base import EncoderFactory, RecurrentTask, orthogonal_linear
 
 
-class CharLanguageModel(RecurrentTask):
+class CharLanguageModel(RecurrentTask[NormLSTM]):
     """A NormLSTM predicting the next character at every step, scored in bits per character.
 
     Batches are ``(inputs, targets, lengths)``: ``inputs`` and ``targets`` ``(B, T)`` character
@@ -134,11 +135,15 @@ class CharLanguageModel(RecurrentTask):
             return f"test/bpc_length_{lengths[dataloader_idx]}"
         return f"test/bpc_loader_{dataloader_idx}"
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Bits per character of each sequence, ``(B,)``."""
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Per segment: ``log_prob`` ``(B, T)``, the natural-log probability the model gives each
+        target character (0 past the segment's length), ``target`` ``(B, T)``, ``lengths`` ``(B,)``
+        and ``bpc`` ``(B,)``, the segment's bits per character."""
         inputs, targets, lengths = self._unpack(batch)
         nats, valid = self._nats(self(inputs, lengths), targets, lengths)
-        return nats.sum(dim=1) / valid.sum(dim=1) / math.log(2)
+        lengths = valid.sum(dim=1).long() if lengths is None else lengths
+        bpc = nats.sum(dim=1) / valid.sum(dim=1).clamp(min=1) / math.log(2)
+        return {"log_prob": -nats, "target": targets, "lengths": lengths, "bpc": bpc}
 
     def population_forward(self, batch: Any) -> None:
         inputs, _, lengths = self._unpack(batch)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from rnorm.data.download import atomic_write_bytes
+from rnorm.utils.atomic import atomic_write_bytes
 
 __all__ = ["PNG_SIGNATURE", "encode_png", "image_grid", "write_png"]
 

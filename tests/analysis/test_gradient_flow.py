@@ -94,8 +94,8 @@ def test_cli_no_plot_writes_no_png(tmp_path):
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="analysis"))
     args = parser.parse_args(
-        ["gradient-flow", "--output-dir", str(tmp_path), "--gammas", "0.1", "0.7", "--hidden-size", "6",
-         "--batch-size", "4", "--steps", "5", "--no-plot"]
+        ["gradient-flow", "--output_dir", str(tmp_path), "--gammas", "0.1", "0.7", "--hidden-size", "6",
+         "--batch-size", "4", "--steps", "5", "--no_plot"]
     )
     paths = args.run(args)
     assert [p.name for p in paths] == ["gradient_flow.csv"]

@@ -107,7 +107,7 @@ def test_cli_writes_a_png_and_no_plot_writes_none(trained, tmp_path):
     _, ckpt = trained
     parser = argparse.ArgumentParser()
     population_stats.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["population-stats", "--ckpt_path", str(ckpt), "--output-dir", str(tmp_path / "fig")])
+    args = parser.parse_args(["population-stats", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "fig")])
     written = args.run(args)
     png = tmp_path / "fig" / "population_stats.png"
     assert written == [tmp_path / "fig" / "population_stats.csv", png]
@@ -118,7 +118,7 @@ def test_cli_writes_a_png_and_no_plot_writes_none(trained, tmp_path):
     with Image.open(png) as image:
         image.verify()
     args = parser.parse_args(
-        ["population-stats", "--ckpt_path", str(ckpt), "--output-dir", str(tmp_path / "csv"), "--no-plot"]
+        ["population-stats", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "csv"), "--no_plot"]
     )
     assert args.run(args) == [tmp_path / "csv" / "population_stats.csv"]
     assert sorted(p.name for p in (tmp_path / "csv").iterdir()) == ["population_stats.csv"]
@@ -135,3 +135,11 @@ def test_checkpoint_without_batch_norm_is_refused(tmp_path):
     with pytest.raises(ValueError, match="has no per-step population statistics: was it trained with bn?"):
         population_stats.run(ckpt, tmp_path / "out")
     assert not (tmp_path / "out" / "population_stats.csv").exists()
+
+
+def test_a_crafted_checkpoint_runs_no_code(crafted_checkpoint, tmp_path):
+    path, marker = crafted_checkpoint
+    with pytest.raises(ValueError, match="is not a valid rnorm/Lightning checkpoint") as error:
+        population_stats.run(path, tmp_path / "out", plot=False)
+    assert not marker.exists() and "weights_only=False" not in str(error.value)
+    assert not (tmp_path / "out").exists()

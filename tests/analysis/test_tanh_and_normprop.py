@@ -87,7 +87,7 @@ def test_tanh_derivative_quartiles_match_monte_carlo(sigma: float) -> None:
 
 
 def test_tanh_derivative_files(tmp_path) -> None:
-    args = _parse("tanh-derivative", "--output-dir", str(tmp_path / "out"))
+    args = _parse("tanh-derivative", "--output_dir", str(tmp_path / "out"))
     paths = args.run(args)
     assert [path.name for path in paths] == ["tanh_derivative.csv", "tanh_derivative.png"]
     header, rows = _read_csv(paths[0])
@@ -101,7 +101,7 @@ def test_tanh_derivative_no_plot_needs_no_matplotlib(tmp_path, monkeypatch) -> N
         raise ImportError("matplotlib missing")
 
     monkeypatch.setattr(tanh_derivative, "require_pyplot", missing)
-    args = _parse("tanh-derivative", "--output-dir", str(tmp_path), "--sigmas", "0", "0.5", "--no-plot")
+    args = _parse("tanh-derivative", "--output_dir", str(tmp_path), "--sigmas", "0", "0.5", "--no_plot")
     paths = args.run(args)
     assert [path.name for path in paths] == ["tanh_derivative.csv"]
     assert not list(tmp_path.glob("*.png"))
@@ -158,7 +158,7 @@ def test_gradient_norm_grows_with_gamma_h_for_small_gammas() -> None:
 
 def test_normprop_gradient_files(tmp_path) -> None:
     args = _parse(
-        "normprop-gradient", "--output-dir", str(tmp_path), "--hidden-size", "8", "--samples", "2",
+        "normprop-gradient", "--output_dir", str(tmp_path), "--hidden_size", "8", "--samples", "2",
         "--gammas", "0.5", "2",
     )  # fmt: skip
     paths = args.run(args)
@@ -177,8 +177,8 @@ def test_normprop_gradient_no_plot_writes_no_png(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(normprop_gradient, "require_pyplot", missing)
     args = _parse(
-        "normprop-gradient", "--output-dir", str(tmp_path), "--hidden-size", "4", "--samples", "1",
-        "--gammas", "1", "--gamma-c", "1", "--no-plot",
+        "normprop-gradient", "--output_dir", str(tmp_path), "--hidden_size", "4", "--samples", "1",
+        "--gammas", "1", "--gamma_c", "1", "--no_plot",
     )  # fmt: skip
     paths = args.run(args)
     assert [path.name for path in paths] == ["normprop_gradient.csv"]

@@ -189,7 +189,7 @@ def test_threshold_binarization_is_exact_on_the_shipped_sample():
 
 def _train_epoch(dm: BinarizedMNISTDataModule, epoch: int) -> torch.Tensor:
     loader = dm.train_dataloader()
-    loader.sampler.set_epoch(epoch)  # what Lightning does before every epoch
+    loader.batch_sampler.sampler.set_epoch(epoch)  # what Lightning does before every epoch
     return _all(loader)
 
 

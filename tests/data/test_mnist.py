@@ -295,7 +295,7 @@ def test_train_loader_order_is_reproducible(mnist_dir):
         dm = SequentialMNISTDataModule(data_dir=str(folder), val_size=10, batch_size=4, shuffle_seed=shuffle_seed)
         dm.setup("fit")
         loader = dm.train_dataloader()
-        loader.sampler.set_epoch(epoch)
+        loader.batch_sampler.sampler.set_epoch(epoch)
         return _batches(loader)[0].sum((1, 2))
 
     first = epoch_ids(2)

@@ -234,14 +234,14 @@ def test_training_batches_are_stream_windows(ptb_dir):
     data.setup("fit")
     stream = data.stream("train").tolist()
     loader = data.train_dataloader()
-    loader.sampler.set_epoch(2)
-    starts = list(loader.sampler)
+    loader.batch_sampler.sampler.set_epoch(2)
+    starts = list(loader.batch_sampler.sampler)
     seen = []
     for inputs, targets, lengths in loader:
         assert inputs.dtype == targets.dtype == lengths.dtype == torch.int64
         assert inputs.shape[1] == 9 and (lengths == 9).all()
         seen.extend(zip(inputs.tolist(), targets.tolist()))
-    assert len(seen) == (len(stream) - 1) // 9 == len(loader.sampler)
+    assert len(seen) == (len(stream) - 1) // 9 == len(loader.batch_sampler.sampler)
     for start, (inputs, targets) in zip(starts, seen):
         assert inputs == stream[start : start + 9] and targets == stream[start + 1 : start + 10]
 
@@ -277,7 +277,7 @@ def test_text8_training_windows_start_at_zero(tmp_path):
         random_crop=False,
     )
     for epoch in range(5):
-        sampler = data.train_dataloader().sampler
+        sampler = data.train_dataloader().batch_sampler.sampler
         sampler.set_epoch(epoch)
         assert sorted(sampler) == list(range(0, 98, 7))
 

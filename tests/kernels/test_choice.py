@@ -105,16 +105,18 @@ def test_auto_takes_cudnn_on_cuda_where_eligible_and_not_while_tracing_padding()
 
 
 def test_unknown_backend_lists_every_choice():
-    with pytest.raises(ValueError, match="Unknown fused recurrence backend 'gpu'. Available: auto, native, torch, cudnn"):
+    with pytest.raises(ValueError, match="Unknown fused recurrence backend 'gpu'. Available: auto, native, torch, triton, cudnn"):
         _choose(8, backend="gpu")
 
 
 def test_op_backend_reasons_name_the_fallback():
     """The op's own fallbacks to its torch-ops loop, in words for the log line."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert kernels.op.choose_backend("auto", cuda, torch.float64, False) == (
+    name, reason = kernels.op.choose_backend("auto", cuda, torch.float64, False)
+    assert name == "torch" and reason.startswith("the Triton kernels cannot run: ")
+    assert kernels.op.choose_backend("auto", cpu, torch.float16, False) == (
         "torch",
-        "the compiled CPU kernels cannot run: they need float32 or float64 tensors on the CPU, not torch.float64 on cuda",
+        "the compiled CPU kernels cannot run: they need float32 or float64 tensors on the CPU, not torch.float16 on cpu",
     )
     name, reason = kernels.op.choose_backend("auto", cpu, torch.float32, True)
     assert name == "torch" and "synchronized across processes" in reason
@@ -147,7 +149,7 @@ def test_fallback_to_the_reference_loop_is_logged(caplog):
     """A strategy without a fused form (a plugin with only ``step``) runs the reference loop, and says so."""
 
     class Doubling(Normalizer):
-        def step(self, x, t, mask=None):  # noqa: ANN001, ANN201
+        def step(self, x, t, mask=None):
             return 2.0 * x
 
     caplog.set_level(logging.INFO, logger="rnorm.kernels")

@@ -142,7 +142,7 @@ def test_without_bias_or_shifts_and_without_gradients():
         assert _rel_err(actual, wanted) <= RTOL
 
 
-def _moved(value, device: str, dtype: torch.dtype):  # noqa: ANN001, ANN202
+def _moved(value, device: str, dtype: torch.dtype):
     """A tensor, site or description's tensors on ``device`` in ``dtype``, leaves that require grad."""
     if isinstance(value, torch.Tensor):
         return value.detach().to(device, dtype).requires_grad_(value.requires_grad)

@@ -37,7 +37,7 @@ def test_python_and_the_extension_name_the_same_buffers_and_kinds():
     assert ext.KINDS == {name: kind.code for name, kind in kernels.STEP_KINDS.items() if kind.code is not None}
 
 
-def _forward_buffers(steps: int, batch: int, hidden: int, dtype=torch.float32, size=None) -> native.ForwardBuffers:  # noqa: ANN001
+def _forward_buffers(steps: int, batch: int, hidden: int, dtype=torch.float32, size=None) -> native.ForwardBuffers:
     """Buffers of a plan with batch statistics on the recurrent site, identity elsewhere; ``size``
     replaces every shape by that many elements."""
     gates = 4 * hidden

@@ -176,7 +176,7 @@ def test_strategy_without_fused_form_runs_the_reference(monkeypatch):
 def test_fused_is_the_default_and_reference_selectable():
     assert NormLSTM(2, 3).impl == "fused"
     assert NormLSTM(2, 3, impl="reference").impl == "reference"
-    assert set(dispatch.RECURRENCES) == {"fused", "fused_torch", "cudnn", "reference"}
+    assert set(dispatch.RECURRENCES) == {"fused", "fused_torch", "triton", "cudnn", "reference"}
 
 
 def test_input_terms_before_the_loop_when_the_covariance_is_dear(impl):
@@ -282,10 +282,10 @@ class _RootMeanSquare(norms.Normalizer):
         self.gamma = torch.nn.Parameter(torch.linspace(0.5, 1.5, num_features))
         self.beta = torch.nn.Parameter(torch.linspace(-0.2, 0.2, num_features))
 
-    def forward(self, x, mask=None):  # noqa: ANN001, ANN201
+    def forward(self, x, mask=None):
         return self.gamma * x / torch.sqrt((x * x).sum(-1, keepdim=True) / x.shape[-1] + 1e-3) + self.beta
 
-    def step(self, x, t, mask=None):  # noqa: ANN001, ANN201
+    def step(self, x, t, mask=None):
         return self.forward(x)
 
     def fused_step(self, num_steps: int) -> norms.FusedStep:
@@ -389,7 +389,7 @@ def test_hidden_probe_runs_the_reference_loop():
 class _Doubling(norms.Normalizer):
     """A strategy with a ``step`` and no fused form, like a plugin that implements only ``step``."""
 
-    def step(self, x, t, mask=None):  # noqa: ANN001, ANN201
+    def step(self, x, t, mask=None):
         return 2.0 * x
 
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from rnorm import NormLSTM
-from rnorm.norms import TimeBatchNorm, estimate_population_statistics
-from rnorm.norms import BatchStatisticsNorm
+from rnorm.norms import BatchStatisticsNorm, TimeBatchNorm, estimate_population_statistics
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 D, H = 3, 4

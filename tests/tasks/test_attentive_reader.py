@@ -17,7 +17,7 @@ import yaml
 from lightning.pytorch import Trainer
 
 from rnorm import cli as cli_module
-from rnorm import norms
+from rnorm import lightning_cli, norms
 from rnorm.data import QADataModule, write_synthetic_corpus
 from rnorm.data.qa import candidates_of
 from rnorm.nn import NormLSTM
@@ -284,13 +284,13 @@ def _fit(monkeypatch, args: list[str]):
     """``rnorm fit`` through :func:`rnorm.cli.main`, keeping the CLI object."""
     made = []
 
-    class Recording(cli_module.RnormCLI):
+    class Recording(lightning_cli.RnormCLI):
         def __init__(self, *a, **k) -> None:
             made.append(self)
             super().__init__(*a, **k)
 
     monkeypatch.setattr(sys, "argv", ["rnorm"])
-    monkeypatch.setattr(cli_module, "RnormCLI", Recording)
+    monkeypatch.setattr(lightning_cli, "RnormCLI", Recording)
     assert cli_module.main(["fit", *args]) == 0
     return made[0]
 

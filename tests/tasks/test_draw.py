@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.distributions import Normal, kl_divergence
 
 from rnorm import cli as cli_module
+from rnorm import lightning_cli
 from rnorm.data import BinarizedMNISTDataModule
 from rnorm.nn import NormLSTM, NormLSTMCell
 from rnorm.norms import estimate_population_statistics
@@ -369,13 +370,13 @@ def test_config_fits_and_tests_on_the_shipped_sample(path, tmp_path, monkeypatch
         "--model.init_args.glimpses=3", "--model.init_args.latent_size=4", "--model.init_args.num_samples=4",
     ]  # fmt: skip
     instances = []
-    original_init = cli_module.RnormCLI.__init__
+    original_init = lightning_cli.RnormCLI.__init__
 
     def recording_init(self, *a, **k):
         instances.append(self)
         original_init(self, *a, **k)
 
-    monkeypatch.setattr(cli_module.RnormCLI, "__init__", recording_init)
+    monkeypatch.setattr(lightning_cli.RnormCLI, "__init__", recording_init)
     assert cli_module.main(args) == 0
     cli = instances[0]
     assert cli.trainer.state.fn == "test"  # test_after_fit
@@ -392,4 +393,4 @@ def test_config_fits_and_tests_on_the_shipped_sample(path, tmp_path, monkeypatch
     if path.stem == "normprop":
         assert all(norm.gamma_init == 0.5 for cell in (model.encoder, model.decoder) for norm in cell.norms)
     assert type(model.lr_schedulers()).__name__ == "ExponentialLR"
-    assert [p.name for p in (root / "samples").iterdir()] and list(cwd.iterdir()) == []
+    assert [p.name for p in (root / "version_0" / "samples").iterdir()] and list(cwd.iterdir()) == []  # the run's folder

@@ -181,3 +181,14 @@ def test_validation_bpc_is_the_whole_stream_value(tmp_path):
                 nats -= float(log_probs[b, torch.arange(n), targets[b, :n]].sum())
                 count += n
     assert result["val/bpc"] == pytest.approx(nats / count / math.log(2), rel=1e-5)
+
+
+def test_a_task_without_build_or_population_forward_cannot_be_instantiated():
+    from rnorm.tasks import RecurrentTask
+
+    class Forgetful(RecurrentTask[NormLSTM]):
+        def build(self) -> None:
+            pass
+
+    with pytest.raises(TypeError, match="abstract method population_forward"):
+        Forgetful(functools.partial(NormLSTM, hidden_size=2))
