@@ -90,4 +90,4 @@ def test_unknown_impl_exits_listing_the_known_ones(rnn_speed, capsys):
     with pytest.raises(SystemExit) as exit_info:
         rnn_speed.main([*TINY, "--impl", "fused,cuda"])
     assert exit_info.value.code == 2
-    assert "unknown impl ['cuda']; known: cudnn, fused, fused_torch, reference" in capsys.readouterr().err
+    assert "unknown impl ['cuda']; known: cudnn, fused, fused_native, fused_torch, reference, triton" in capsys.readouterr().err

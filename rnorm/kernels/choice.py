@@ -27,10 +27,11 @@ __all__ = ["LAYER_BACKENDS", "Path", "choose", "log_path"]
 #: implementation of the op; an error where the layer is not a plain LSTM after its weight transform).
 LAYER_BACKENDS = (*BACKENDS, "cudnn")
 
-#: On the CPU, torch's LSTM (oneDNN) is measured as fast as the compiled kernels or faster in float32
-#: without padding from this hidden size on (up to 1.7x at 2 threads, as fast at 1; 10-20 % slower
-#: at H = 100): docs/performance.md, "Torch's LSTM against the compiled kernels on the CPU".
-CPU_MIN_HIDDEN = 512
+#: On the CPU, torch's LSTM (oneDNN) is measured faster than the compiled kernels in float32 without
+#: padding from this hidden size on at 2 threads (1.1-2.1x), and takes 0.79-1.05 of their time at
+#: 1 thread; at pMNIST's H = 100 the kernels are as fast at 2 threads and 10-40 % faster at 1:
+#: docs/performance.md, "Torch's LSTM against the compiled kernels on the CPU".
+CPU_MIN_HIDDEN = 256
 
 _LOG = logging.getLogger("rnorm.kernels")
 

@@ -162,13 +162,16 @@ def _forced_reference(
 #: the device (torch's LSTM where the layer is a plain LSTM after its weight transform and that is
 #: faster, else the op with its best implementation: the compiled kernels on CPU where built, the
 #: Triton kernels on CUDA where they run); ``fused_torch`` the same op with its torch-ops loop
-#: everywhere (allows backward through one graph more than once); ``triton`` the same op with the
+#: everywhere (allows backward through one graph more than once); ``fused_native`` the same op with
+#: the compiled CPU kernels, forced (an error naming the reason where they cannot run; what ``fused``
+#: is measured against); ``triton`` the same op with the
 #: Triton kernels (CUDA; CPU tensors under ``TRITON_INTERPRET=1``; an error naming the reason
 #: elsewhere); ``cudnn`` torch's own LSTM (an error naming the reason where the layer is not a plain
 #: LSTM after its weight transform); ``reference`` the per-step loop of the papers' equations.
 RECURRENCES: dict[str, Recurrence] = {
     "fused": fused_layer,
     "fused_torch": partial(fused_layer, backend="torch"),
+    "fused_native": partial(fused_layer, backend="native"),
     "triton": partial(fused_layer, backend="triton"),
     "cudnn": partial(fused_layer, backend="cudnn"),
     "reference": _forced_reference,

@@ -161,3 +161,17 @@ def test_nothing_is_logged_below_info(caplog):
     caplog.set_level(logging.WARNING, logger="rnorm.kernels")
     NormLSTM(D, 5)(torch.randn(2, 4, D))
     assert _lines(caplog) == []
+
+
+@pytest.mark.skipif(not native.available(), reason="the compiled CPU kernels are not built")
+def test_fused_native_forces_the_kernels_where_auto_takes_torch_lstm(monkeypatch):
+    """At H = CPU_MIN_HIDDEN in float32 without padding, ``fused`` runs torch's LSTM and
+    ``fused_native`` the compiled kernels (what the benchmark compares them with)."""
+    calls = []
+    real_native, real_cudnn = native.forward, kernels.cudnn.lstm_layer
+    monkeypatch.setattr(native, "forward", lambda *a, **k: calls.append("native") or real_native(*a, **k))
+    monkeypatch.setattr(kernels.cudnn, "lstm_layer", lambda *a, **k: calls.append("cudnn") or real_cudnn(*a, **k))
+    x = torch.randn(2, T, D)
+    for impl in ("fused", "fused_native"):
+        NormLSTM(D, choice.CPU_MIN_HIDDEN, input_norm="wn", recurrent_norm="wn", cell_norm="none", impl=impl)(x)
+    assert calls == ["cudnn", "native"]

@@ -176,7 +176,7 @@ def test_strategy_without_fused_form_runs_the_reference(monkeypatch):
 def test_fused_is_the_default_and_reference_selectable():
     assert NormLSTM(2, 3).impl == "fused"
     assert NormLSTM(2, 3, impl="reference").impl == "reference"
-    assert set(dispatch.RECURRENCES) == {"fused", "fused_torch", "triton", "cudnn", "reference"}
+    assert set(dispatch.RECURRENCES) == {"fused", "fused_torch", "fused_native", "triton", "cudnn", "reference"}
 
 
 def test_input_terms_before_the_loop_when_the_covariance_is_dear(impl):
