@@ -45,7 +45,8 @@ class NormLSTM(nn.Module):
             per-step work in the compiled CPU kernels where they are built and in the Triton
             kernels on CUDA; the reference loop for strategies without a fused form),
             ``fused_torch`` (the op with torch operations per step; allows backward through one
-            graph more than once), ``triton`` (the op with the Triton kernels, forced: CUDA, or CPU
+            graph more than once), ``fused_native`` (the op with the compiled CPU kernels, forced),
+            ``triton`` (the op with the Triton kernels, forced: CUDA, or CPU
             tensors under ``TRITON_INTERPRET=1``), ``cudnn`` (torch's own LSTM; an error naming the
             reason where the layer is not a plain LSTM after its weight transform) or ``reference``
             (the per-step loop of the papers' equations); see :data:`rnorm.nn.dispatch.RECURRENCES`.
