@@ -35,6 +35,7 @@ def gate_groups(spec: GateInit, schemes: tuple[str, ...], option: str) -> list[t
         option: the option's name, for error messages (``"recurrent_init"``).
 
     Raises:
+        TypeError: ``spec`` is neither a name nor a mapping.
         ValueError: an unknown scheme, keys that do not partition the gates, or ``identity`` on a
             group of more than one gate (the identity is one square block).
 
@@ -46,7 +47,7 @@ def gate_groups(spec: GateInit, schemes: tuple[str, ...], option: str) -> list[t
             raise ValueError(f"Unknown {option} {spec!r}; expected one of {schemes}.")
         return [(gate, spec) for gate in GATES]
     if not isinstance(spec, Mapping):
-        raise ValueError(f"Expected {option} to be a scheme name or a mapping of gates to schemes, but got {spec!r}.")
+        raise TypeError(f"Expected {option} to be a scheme name or a mapping of gates to schemes, but got {spec!r}.")
     groups = [(str(gates), scheme) for gates, scheme in spec.items()]
     named = "".join(gates for gates, _ in groups)
     if sorted(named) != sorted(GATES):
@@ -58,7 +59,9 @@ def gate_groups(spec: GateInit, schemes: tuple[str, ...], option: str) -> list[t
         if scheme not in schemes:
             raise ValueError(f"Unknown {option} {scheme!r} for gates {gates!r}; expected one of {schemes}.")
         if scheme == "identity" and len(gates) > 1:
-            raise ValueError(f"{option}: the identity initializes one square gate block, but {gates!r} groups {len(gates)}.")
+            raise ValueError(
+                f"{option}: the identity initializes one square gate block, but {gates!r} groups {len(gates)}."
+            )
     return groups
 
 
@@ -85,7 +88,8 @@ def init_gate_blocks(weight: Tensor, scheme: GateInit, schemes: tuple[str, ...] 
             nn.init.orthogonal_(group)
         elif name == "identity":
             if weight.shape[1] != hidden:
-                raise ValueError(f"The identity initializer needs square gate blocks, but they are {(hidden, weight.shape[1])}.")
+                shape = (hidden, weight.shape[1])
+                raise ValueError(f"The identity initializer needs square gate blocks, but they are {shape}.")
             group.copy_(torch.eye(hidden, dtype=weight.dtype))
         else:  # uniform
             bound = hidden**-0.5
