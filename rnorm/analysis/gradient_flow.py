@@ -475,7 +475,8 @@ def _figure(results: dict[str, Tensor], settings: FlowSettings) -> Any:
         axis.set_yscale("log")
         axis.set_xlabel("t")
         axis.set_ylabel("||∂loss/∂h_t||₂" + (" (mean over examples)" if settings.norm == "example-mean" else ""))
-        axis.set_title(f"{titles.get(kind, kind)}: W_h {settings.recurrent_init}, BN of the {settings.bn_placement} terms")
+        placement = "BN(W_h h + W_x x)" if settings.bn_placement == "sum" else "BN(W_h h) + BN(W_x x)"
+        axis.set_title(f"{titles.get(kind, kind)}: {placement}, W_h {settings.recurrent_init}", fontsize="medium")
         axis.legend(fontsize="small")
     figure.tight_layout()
     return figure

@@ -84,8 +84,9 @@ def test_paper_preset_small_gamma_stays_level_large_gamma_vanishes():
         # 784 steps to ~1e-13 relative; 1e-9 leaves room without hiding a real difference.
         torch.testing.assert_close(row, expected, rtol=1e-9, atol=0)
     small, large = norms
-    # Measured: gamma 0.1 stays within a factor 2 from t = 50 to 700 (6.8e-4 to 1.4e-3) and is
-    # 0.07 times its last value at t = 100; gamma 1.0 falls from 1e-2 at t = 784 to 1e-98 at t = 100.
+    # Measured: gamma 0.1 stays within a factor 4 from t = 50 to 700 (6.8e-4 to 2.7e-3) and is
+    # 0.07 times its last value at t = 100; gamma 1.0 falls from 1e-2 at t = 784 to 8e-98 at t = 100.
+    # The bounds leave a wide margin on both sides and still separate "level" from "vanished".
     middle = small[49:700]
     assert middle.max() / middle.min() < 10  # level
     assert large[99] / large[-1] < 1e-50  # vanished going back in time
