@@ -7,9 +7,14 @@ found under the given folders is one run, named by its configuration: the last c
 (``pmnist-bnlstm`` for ``configs/pmnist/bnlstm.yaml``), else the folder's name. A log directory
 with both kinds of log is read from its event files, which also hold the wall time of each value.
 
-Writes ``curves_<metric>.csv`` (``run, step, value, wall_time_s``: seconds since the run's first
-logged value, empty for CSV logs), ``curves_<metric>.png`` and, with ``--at_steps``,
-``curves_<metric>.md``: a Markdown table of each run's value at those steps.
+**Updates.** Lightning logs a value with ``step`` one less than the number of batches trained
+when it is logged: the loss of the 50th training batch at step 49, the validation after 250 updates
+at step 249 (to share the step of the last training batch). The curves count ``updates = step + 1``:
+the validation after 250 updates is at 250.
+
+Writes ``curves_<metric>.csv`` (``run, step, updates, value, wall_time_s``: seconds since the run's
+first logged value, empty for CSV logs), ``curves_<metric>.png`` and, with ``--at_updates``,
+``curves_<metric>.md``: a Markdown table of each run's value at those updates.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ class Curve:
 
     Attributes:
         name: the run's name.
-        steps: the global step of each value (Lightning's ``step``).
+        steps: the logged step of each value (Lightning's ``step``: the updates made, minus one).
         values: the metric's values.
         wall_times: seconds since the run's first logged value of any tag, or ``None`` (CSV logs).
     """
@@ -51,9 +56,14 @@ class Curve:
     values: list[float]
     wall_times: list[float] | None
 
-    def value_at(self, step: int) -> float | None:
-        """The value logged at ``step`` (the last one if several), or ``None``."""
-        found = [value for s, value in zip(self.steps, self.values) if s == step]
+    @property
+    def updates(self) -> list[int]:
+        """The updates made when each value was logged: ``step + 1`` (see the module docstring)."""
+        return [step + 1 for step in self.steps]
+
+    def value_at(self, updates: int) -> float | None:
+        """The value logged after ``updates`` updates (the last one if several), or ``None``."""
+        found = [value for u, value in zip(self.updates, self.values) if u == updates]
         return found[-1] if found else None
 
 
@@ -127,7 +137,7 @@ def run(
     runs: Sequence[str | Path],
     metric: str,
     names: Sequence[str] | None = None,
-    at_steps: Sequence[int] | None = None,
+    at_updates: Sequence[int] | None = None,
     plot: bool = True,
 ) -> list[Path]:
     """Read ``metric`` from every run under ``runs`` and write its curves as CSV, PNG and a table.
@@ -138,7 +148,7 @@ def run(
             ``version_N`` folder).
         metric: the logged name, e.g. ``val/acc``, ``val/bpc``, ``train/loss_step``.
         names: a name per log directory found, in the order found, replacing the configs' names.
-        at_steps: steps to tabulate in ``curves_<metric>.md`` (each run's value at each step).
+        at_updates: numbers of updates to tabulate in ``curves_<metric>.md`` (each run's value there).
         plot: also draw the PNG (needs matplotlib).
 
     Returns:
@@ -158,15 +168,15 @@ def run(
     output_dir.mkdir(parents=True, exist_ok=True)
     stem = "curves_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", metric)
     rows = [
-        (curve.name, step, value, "" if curve.wall_times is None else round(curve.wall_times[i], 3))
+        (curve.name, step, step + 1, value, "" if curve.wall_times is None else round(curve.wall_times[i], 3))
         for curve in curves
         for i, (step, value) in enumerate(zip(curve.steps, curve.values))
     ]
-    paths = [write_csv(output_dir / f"{stem}.csv", ("run", "step", "value", "wall_time_s"), rows)]
+    paths = [write_csv(output_dir / f"{stem}.csv", ("run", "step", "updates", "value", "wall_time_s"), rows)]
     if plot:
         paths.append(save_figure(_figure(curves, metric), output_dir / f"{stem}.png"))
-    if at_steps:
-        table = _table(curves, metric, at_steps)
+    if at_updates:
+        table = _table(curves, metric, at_updates)
         atomic_write_bytes(output_dir / f"{stem}.md", table.encode())
         paths.append(output_dir / f"{stem}.md")
     return paths
@@ -180,14 +190,14 @@ def _disambiguate(curves: list[Curve], log_dirs: list[Path]) -> None:
             curve.name = f"{curve.name} ({log_dir.name})"
 
 
-def _table(curves: list[Curve], metric: str, at_steps: Sequence[int]) -> str:
+def _table(curves: list[Curve], metric: str, at_updates: Sequence[int]) -> str:
     def cell(value: float | None) -> str:
         return "–" if value is None or math.isnan(value) else f"{value:.4g}"
 
-    lines = ["| run | " + " | ".join(f"{metric} at {step}" for step in at_steps) + " |"]
-    lines.append("|---" * (len(at_steps) + 1) + "|")
+    lines = ["| run | " + " | ".join(f"{metric} after {updates}" for updates in at_updates) + " |"]
+    lines.append("|---" * (len(at_updates) + 1) + "|")
     for curve in curves:
-        lines.append(f"| {curve.name} | " + " | ".join(cell(curve.value_at(step)) for step in at_steps) + " |")
+        lines.append(f"| {curve.name} | " + " | ".join(cell(curve.value_at(u)) for u in at_updates) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -195,8 +205,8 @@ def _figure(curves: list[Curve], metric: str) -> Any:
     plt = require_pyplot()
     figure, axis = plt.subplots(figsize=(6, 4))
     for curve in curves:
-        axis.plot(curve.steps, curve.values, marker="o" if len(curve.steps) < 30 else None, label=curve.name)
-    axis.set_xlabel("updates (global step)")
+        axis.plot(curve.updates, curve.values, marker="o" if len(curve.steps) < 30 else None, label=curve.name)
+    axis.set_xlabel("updates")
     axis.set_ylabel(metric)
     axis.grid(alpha=0.3)
     axis.legend(fontsize="small")
@@ -217,10 +227,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--metric", required=True, help="the logged name, e.g. val/acc or val/bpc")
     parser.add_argument("--names", nargs="+", default=None, help="one name per log directory found, in order")
     parser.add_argument(
-        "--at_steps", type=int, nargs="+", default=None, help="also write a Markdown table of the values at these steps"
+        "--at_updates", type=int, nargs="+", default=None, help="also write a Markdown table of the values there"
     )
     return parser
 
 
 def _run_from_args(args: argparse.Namespace) -> list[Path]:
-    return run(args.output_dir, args.runs, args.metric, names=args.names, at_steps=args.at_steps, plot=args.plot)
+    return run(args.output_dir, args.runs, args.metric, names=args.names, at_updates=args.at_updates, plot=args.plot)

@@ -18,14 +18,17 @@ def _config(log_dir, root):
     (log_dir / "config.yaml").write_text(yaml.safe_dump({"trainer": {"default_root_dir": root}}))
 
 
-def _tensorboard_run(folder, root, values, start=1000.0, seconds_per_step=2.0):
-    """A TensorBoard log as Lightning writes it: version_0/events.out.tfevents.*, wall times chosen."""
+def _tensorboard_run(folder, root, values, start=1000.0, seconds_per_update=2.0):
+    """A TensorBoard log as Lightning writes it: version_0/events.out.tfevents.*, wall times chosen.
+
+    ``values`` maps updates to values; Lightning logs the value after k updates at step k - 1.
+    """
     log_dir = folder / "lightning_logs" / "version_0"
     _config(log_dir, root)
     writer = SummaryWriter(str(log_dir))
     writer.add_scalar("train/loss_step", 2.3, 49, walltime=start)  # the first value of the run
-    for step, value in values.items():
-        writer.add_scalar("val/acc", value, step, walltime=start + seconds_per_step * step)
+    for updates, value in values.items():
+        writer.add_scalar("val/acc", value, updates - 1, walltime=start + seconds_per_update * (updates - 50))
     writer.close()
     return log_dir
 
@@ -33,9 +36,9 @@ def _tensorboard_run(folder, root, values, start=1000.0, seconds_per_step=2.0):
 def _csv_run(folder, root, values):
     """A Lightning CSVLogger log: version_0/metrics.csv, blank where a metric was not logged."""
     logger = CSVLogger(str(folder), name="lightning_logs", version=0)
-    for step, value in values.items():
-        logger.log_metrics({"train/loss_step": 1.0}, step=step - 1)
-        logger.log_metrics({"val/acc": value}, step=step)
+    for updates, value in values.items():
+        logger.log_metrics({"train/loss_step": 1.0}, step=updates - 2)
+        logger.log_metrics({"val/acc": value}, step=updates - 1)
     logger.save()
     _config(folder / "lightning_logs" / "version_0", root)
     return folder / "lightning_logs" / "version_0"
@@ -50,22 +53,24 @@ def two_runs(tmp_path):
 
 def test_both_kinds_of_log_become_named_curves_with_a_table(two_runs):
     tmp_path, _, _ = two_runs
-    paths = run(tmp_path / "out", [tmp_path / "a", tmp_path / "b"], "val/acc", at_steps=[250, 500, 1000])
+    paths = run(tmp_path / "out", [tmp_path / "a", tmp_path / "b"], "val/acc", at_updates=[250, 500, 1000])
     assert [p.name for p in paths] == ["curves_val_acc.csv", "curves_val_acc.png", "curves_val_acc.md"]
     with open(paths[0]) as f:
-        rows = [(r["run"], int(r["step"]), float(r["value"]), r["wall_time_s"]) for r in csv.DictReader(f)]
+        rows = [
+            (r["run"], int(r["step"]), int(r["updates"]), float(r["value"]), r["wall_time_s"]) for r in csv.DictReader(f)
+        ]
     # Values chosen exact in float32 (TensorBoard stores float32); wall times relative to the run's
-    # first value of any tag (step 49 at t = 1000 s, then 2 s per step).
+    # first value of any tag (the loss at step 49, t = 1000 s), then 2 s per update.
     assert rows == [
-        ("pmnist-bnlstm", 250, 0.5, "500.0"),
-        ("pmnist-bnlstm", 500, 0.75, "1000.0"),
-        ("pmnist-bnlstm", 1000, 0.875, "2000.0"),
-        ("pmnist-lstm", 250, 0.25, ""),
-        ("pmnist-lstm", 500, 0.375, ""),
-        ("pmnist-lstm", 750, 0.5, ""),
+        ("pmnist-bnlstm", 249, 250, 0.5, "400.0"),
+        ("pmnist-bnlstm", 499, 500, 0.75, "900.0"),
+        ("pmnist-bnlstm", 999, 1000, 0.875, "1900.0"),
+        ("pmnist-lstm", 249, 250, 0.25, ""),
+        ("pmnist-lstm", 499, 500, 0.375, ""),
+        ("pmnist-lstm", 749, 750, 0.5, ""),
     ]
     table = paths[2].read_text().splitlines()
-    assert table[0] == "| run | val/acc at 250 | val/acc at 500 | val/acc at 1000 |"
+    assert table[0] == "| run | val/acc after 250 | val/acc after 500 | val/acc after 1000 |"
     assert table[2:] == ["| pmnist-bnlstm | 0.5 | 0.75 | 0.875 |", "| pmnist-lstm | 0.25 | 0.375 | – |"]
     assert paths[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -75,7 +80,7 @@ def test_event_files_win_over_a_csv_log_in_the_same_folder(tmp_path):
     (log_dir / "metrics.csv").write_text("epoch,step,val/acc\n0,250,0.125\n")
     assert find_log_dirs(tmp_path) == [log_dir]
     curve = read_curve(log_dir, "val/acc")
-    assert (curve.steps, curve.values, curve.name) == ([250], [0.5], "x")
+    assert (curve.updates, curve.values, curve.name) == ([250], [0.5], "x")
 
 
 def test_names_without_a_config_are_the_folders_and_duplicates_get_their_version(tmp_path):
