@@ -482,6 +482,18 @@ def _figure(results: dict[str, Tensor], settings: FlowSettings) -> Any:
     return figure
 
 
+INGREDIENT_HELP = {
+    "recurrent_init": "W_h (for the LSTM, identity is the candidate block only)",
+    "bn_placement": "sum: BN(W_h h + W_x x); separate: BN(W_h h) + BN(W_x x) (RNN only)",
+    "order": "pixel order; authors: their draw with replacement, seed 1",
+    "batch": "first: the first training images in file order; shuffled: the training loader's first batch",
+    "stats_grad": "whether the gradient flows through the batch mean and variance (detached: RNN only)",
+    "norm": "example-mean: each example's norm, averaged; frobenius: over batch and units",
+    "dtype": "float32 underflows for large gamma",
+    "classifier": "orthogonal weight and zero bias, or torch.nn.Linear's default",
+}
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``gradient-flow`` subcommand; its ``run`` default takes the namespace, returns the paths."""
     parser = add_analysis_parser(
@@ -501,9 +513,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--steps", type=int, default=None, help="keep the first STEPS steps (default: all 784)")
     parser.add_argument("--seed", type=int, default=0)
     group = parser.add_argument_group("ingredients (each default: the preset's)")
-    group.add_argument("--models", nargs="+", choices=CHOICES["models"], default=None)
-    for name in ("recurrent_init", "bn_placement", "order", "batch", "stats_grad", "norm", "dtype", "classifier"):
-        group.add_argument(f"--{name}", choices=CHOICES[name], default=None)
+    group.add_argument("--models", nargs="+", choices=CHOICES["models"], default=None, help="the BN tanh RNN, the BN-LSTM")
+    for name, text in INGREDIENT_HELP.items():
+        group.add_argument(f"--{name}", choices=CHOICES[name], default=None, help=text)
     group.add_argument("--gammas", type=float, nargs="+", default=None, help="initial gamma values")
     group.add_argument("--hidden-size", type=int, default=None)
     group.add_argument("--batch-size", type=int, default=None)
