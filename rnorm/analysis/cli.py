@@ -14,11 +14,11 @@ from collections.abc import Iterator, Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``rnorm analyze`` parser, one subcommand per analysis (each module's ``add_parser``)."""
-    from rnorm.analysis import gradient_flow, normprop_gradient, population_stats, tanh_derivative
+    from rnorm.analysis import curves, gradient_flow, normprop_gradient, population_stats, tanh_derivative
 
     parser = argparse.ArgumentParser(prog="rnorm analyze", description="Reproduce the papers' analysis figures.")
     commands = parser.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
-    for module in (gradient_flow, tanh_derivative, population_stats, normprop_gradient):
+    for module in (gradient_flow, tanh_derivative, population_stats, normprop_gradient, curves):
         module.add_parser(commands)
     return parser
 

@@ -19,7 +19,7 @@ MATPLOTLIB_MISSING = (
 
 
 class PlotsUnavailable(ImportError):
-    """matplotlib is missing; the message says how to install it, or to run with ``--no-plot``."""
+    """matplotlib is missing; the message says how to install it, or to run with ``--no_plot``."""
 
 
 def require_pyplot() -> Any:

@@ -3,8 +3,10 @@
 The model reads each image one pixel at a time in scanline order (``mode="pixel"``: T = 784, D = 1)
 and predicts the label from its last state; in permuted MNIST (pMNIST, ``permute=True``) the pixels
 come in one fixed random order instead, the same for every image, drawn once from
-``permutation_seed``. ``mode="row"`` reads a row of 28 pixels a step (T = 28, D = 28), a quick
-variant. The last ``val_size`` training images are the validation set; the test set is MNIST's.
+``permutation_seed``. ``permutation_draw="authors"`` draws that order as the authors' code does
+(``np.random.randint(0, 784, size=784)``: 784 draws *with* replacement, about 500 distinct pixels,
+so some pixels are read several times and the rest never). ``mode="row"`` reads a row of 28 pixels
+a step (T = 28, D = 28), a quick variant. The last ``val_size`` training images are the validation set; the test set is MNIST's.
 
 Two choices make runs repeatable:
 
@@ -58,9 +60,28 @@ SIDE = 28
 NUM_PIXELS = SIDE * SIDE
 
 
-def draw_permutation(seed: int) -> torch.Tensor:
-    """The fixed pixel order of permuted MNIST for ``seed``: a permutation of ``range(784)``."""
-    return torch.randperm(NUM_PIXELS, generator=torch.Generator().manual_seed(seed))
+PERMUTATION_DRAWS = ("randperm", "authors")
+
+
+def draw_permutation(seed: int, draw: Literal["randperm", "authors"] = "randperm") -> torch.Tensor:
+    """The fixed pixel order of permuted MNIST for ``seed``: ``(784,)`` int64 indices into the scanline order.
+
+    ``randperm``: a permutation of ``range(784)`` (``torch.randperm``). ``authors``: the draw of
+    the authors' ``sequential_mnist.py --permuted``, ``np.random.randint(0, 784, size=784)`` right
+    after ``np.random.seed(seed)`` (their default seed is 1): indices drawn with replacement, so not a
+    permutation. NumPy's legacy ``RandomState`` stream is frozen, so this is their exact order.
+
+    >>> order = draw_permutation(1, "authors")
+    >>> order[:4].tolist(), len(set(order.tolist()))
+    ([37, 235, 72, 767], 501)
+    """
+    if draw == "randperm":
+        return torch.randperm(NUM_PIXELS, generator=torch.Generator().manual_seed(seed))
+    if draw == "authors":
+        import numpy as np
+
+        return torch.from_numpy(np.random.RandomState(seed).randint(0, NUM_PIXELS, size=NUM_PIXELS).astype("int64"))
+    raise ValueError(f"Expected permutation_draw one of {PERMUTATION_DRAWS} but got {draw!r}")
 
 
 class SequentialMNIST(Dataset):
@@ -129,6 +150,9 @@ class SequentialMNISTDataModule(pl.LightningDataModule):
             1,000 test images).
         permute: read the pixels in one fixed random order (permuted MNIST) instead of scanline order.
         permutation_seed: seed of that order. A checkpoint's order takes precedence when one is loaded.
+        permutation_draw: how that order is drawn: ``randperm`` (default), a permutation of the 784
+            pixels; ``authors``, 784 indices drawn with replacement as in the authors' code (use
+            ``permutation_seed: 1`` for their exact order). Ignored without ``permute``.
         mode: ``"pixel"``: one pixel a step (T = 784, D = 1), as in the paper; ``"row"``: one row of 28
             pixels a step (T = 28, D = 28).
         val_size: how many of the last training images form the validation set; ``None``: one sixth of
@@ -151,6 +175,7 @@ class SequentialMNISTDataModule(pl.LightningDataModule):
         data_dir: str | None = None,
         permute: bool = False,
         permutation_seed: int = 0,
+        permutation_draw: Literal["randperm", "authors"] = "randperm",
         mode: Literal["pixel", "row"] = "pixel",
         val_size: int | None = None,
         batch_size: int = 100,
@@ -163,6 +188,8 @@ class SequentialMNISTDataModule(pl.LightningDataModule):
         check_last_batch(last_batch)
         if mode not in ("pixel", "row"):
             raise ValueError(f"Expected mode 'pixel' or 'row' but got {mode!r}")
+        if permutation_draw not in PERMUTATION_DRAWS:
+            raise ValueError(f"Expected permutation_draw one of {PERMUTATION_DRAWS} but got {permutation_draw!r}")
         if val_size is not None and val_size < 0:
             raise ValueError(f"Expected val_size >= 0 (or None) but got {val_size}")
         if batch_size < 1 or num_workers < 0:
@@ -173,6 +200,7 @@ class SequentialMNISTDataModule(pl.LightningDataModule):
         self.data_dir = data_dir
         self.permute = permute
         self.permutation_seed = permutation_seed
+        self.permutation_draw = permutation_draw
         self.mode = mode
         self.val_size = val_size
         self.batch_size = batch_size
@@ -180,7 +208,7 @@ class SequentialMNISTDataModule(pl.LightningDataModule):
         self.download = download
         self.shuffle_seed = shuffle_seed
         self.last_batch = last_batch
-        self.permutation: torch.Tensor | None = draw_permutation(permutation_seed) if permute else None
+        self.permutation: torch.Tensor | None = draw_permutation(permutation_seed, permutation_draw) if permute else None
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # split: (images, labels)
 
     @property
@@ -245,6 +273,7 @@ class SequentialMNISTDataModule(pl.LightningDataModule):
         return {
             "permute": self.permute,
             "permutation_seed": self.permutation_seed,
+            "permutation_draw": self.permutation_draw,
             "permutation": permutation,
             "mode": self.mode,
         }
@@ -260,26 +289,29 @@ class SequentialMNISTDataModule(pl.LightningDataModule):
             raise ValueError(f"Expected a SequentialMNISTDataModule state but its keys {sorted(missing)} are missing")
         permute, seed = state_dict["permute"], state_dict["permutation_seed"]
         permutation, mode = state_dict["permutation"], state_dict["mode"]
+        draw = state_dict.get("permutation_draw", "randperm")  # checkpoints written before the option
         if mode != self.mode:
             raise ValueError(
                 f"The checkpoint was trained with mode={mode!r} but this data module has mode={self.mode!r}: "
                 f"set the data module's mode to {mode!r}"
             )
+        if draw not in PERMUTATION_DRAWS:
+            raise ValueError(f"Expected the checkpoint's permutation_draw one of {PERMUTATION_DRAWS} but got {draw!r}")
         if permute:
             permutation = torch.as_tensor(permutation, dtype=torch.long)
-            is_permutation = torch.equal(permutation.sort().values, torch.arange(NUM_PIXELS))
-            if permutation.shape != (NUM_PIXELS,) or not is_permutation:
-                raise ValueError(f"Expected the checkpoint's permutation to reorder range(784) but got {permutation}")
+            _check_order(permutation, draw)
+            described = f"permutation_seed={seed}" + (", permutation_draw='authors'" if draw == "authors" else "")
             if not self.permute:
                 rank_zero_warn(
-                    f"The checkpoint's data module permuted the pixels (permutation_seed={seed}) but this one has "
+                    f"The checkpoint's data module permuted the pixels ({described}) but this one has "
                     "permute=False: using the checkpoint's permutation, which the model was trained with."
                 )
             elif not torch.equal(permutation, self.permutation):
+                mine = f"permutation_seed={self.permutation_seed}"
+                mine += ", permutation_draw='authors'" if self.permutation_draw == "authors" else ""
                 rank_zero_warn(
-                    f"The checkpoint's pixel permutation (permutation_seed={seed}) differs from this data module's "
-                    f"(permutation_seed={self.permutation_seed}): using the checkpoint's, which the model was "
-                    "trained with."
+                    f"The checkpoint's pixel permutation ({described}) differs from this data module's "
+                    f"({mine}): using the checkpoint's, which the model was trained with."
                 )
         else:
             permutation = None
@@ -289,6 +321,16 @@ class SequentialMNISTDataModule(pl.LightningDataModule):
                     "using scanline order, which the model was trained with."
                 )
         self.permute, self.permutation_seed, self.permutation = bool(permute), seed, permutation
+        self.permutation_draw = draw
+
+
+def _check_order(order: torch.Tensor, draw: str) -> None:
+    """A checkpoint's pixel order: a permutation of range(784) (``randperm``) or 784 indices in it (``authors``)."""
+    if draw == "randperm":
+        if order.shape != (NUM_PIXELS,) or not torch.equal(order.sort().values, torch.arange(NUM_PIXELS)):
+            raise ValueError(f"Expected the checkpoint's permutation to reorder range(784) but got {order}")
+    elif order.shape != (NUM_PIXELS,) or order.min() < 0 or order.max() >= NUM_PIXELS:
+        raise ValueError(f"Expected the checkpoint's pixel order to be 784 indices in [0, 784) but got {order}")
 
 
 def mnist_paths(folder: Path) -> dict[str, Path]:

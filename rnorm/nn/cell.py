@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnorm.nn.init import INPUT_INITS, RECURRENT_INITS, init_gate_blocks
+from rnorm.nn.init import INPUT_INITS, RECURRENT_INITS, GateInit, gate_groups, init_gate_blocks
 from rnorm.nn.recurrence import lstm_step
 from rnorm.norms import NormalizerSpec, resolve
 
@@ -30,10 +30,18 @@ class NormLSTMCell(nn.Module):
         learn_initial_state: learn ``h_0`` and ``c_0`` (initialized to zero); else they stay zero.
             With per-step batch normalization on the recurrent site ``h_0`` stays fixed anyway: its
             training gradient is identically zero there.
-        initial_state_noise: std of Gaussian noise added to ``h_0`` and ``c_0`` in training (BN §5.1).
-        input_init: ``orthogonal`` (default) or ``uniform``, per gate block of ``W_x``.
-        recurrent_init: ``orthogonal`` (default), ``identity`` or ``uniform``, per gate block of ``W_h``.
-        forget_bias: initial bias of the forget gate (the papers use 0).
+        initial_state_noise: std of Gaussian noise added to the initial state in training (BN §5.1).
+        initial_state_noise_on: ``h0_c0`` (default): noise on ``h_0`` and ``c_0``; ``h0``: on ``h_0``
+            only, as the authors' code does (``sequential_mnist.py --noise``).
+        initial_state_noise_in_eval: add the noise in evaluation too (the authors' code does; their
+            inference graph draws it as well); by default evaluation has none.
+        input_init: initializer of ``W_x``: ``orthogonal`` (default) or ``uniform`` for each gate
+            block, or a mapping of gate groups to schemes, each group one matrix
+            (``{ifgo: orthogonal}``: the authors' one orthogonal ``W_x``); see :mod:`rnorm.nn.init`.
+        recurrent_init: initializer of ``W_h``: ``orthogonal`` (default), ``identity`` or ``uniform``
+            for each gate block, or a mapping of gate groups to schemes (``{g: identity, ifo:
+            orthogonal}``: the authors' ``--init id``, identity on the candidate block only).
+        forget_bias: initial bias of the forget gate (the papers' text is silent; the authors' code uses 1).
 
     Shapes: ``weight_ih`` ``(4H, D)``, ``weight_hh`` ``(4H, H)``, ``bias`` ``(4H,)``, gates in
     ``torch.nn.LSTM``'s order (i, f, g, o).
@@ -52,8 +60,10 @@ class NormLSTMCell(nn.Module):
         bias: bool = True,
         learn_initial_state: bool = True,
         initial_state_noise: float = 0.0,
-        input_init: str = "orthogonal",
-        recurrent_init: str = "orthogonal",
+        initial_state_noise_on: Literal["h0_c0", "h0"] = "h0_c0",
+        initial_state_noise_in_eval: bool = False,
+        input_init: GateInit = "orthogonal",
+        recurrent_init: GateInit = "orthogonal",
         forget_bias: float = 0.0,
     ) -> None:
         super().__init__()
@@ -61,20 +71,22 @@ class NormLSTMCell(nn.Module):
             raise ValueError(f"Expected input_size and hidden_size >= 1, but got {input_size} and {hidden_size}.")
         if initial_state_noise < 0:
             raise ValueError(f"Expected initial_state_noise >= 0, but got {initial_state_noise}.")
-        if input_init not in INPUT_INITS:
-            raise ValueError(f"Unknown input_init {input_init!r}; expected one of {INPUT_INITS}.")
-        if recurrent_init not in RECURRENT_INITS:
-            raise ValueError(f"Unknown recurrent_init {recurrent_init!r}; expected one of {RECURRENT_INITS}.")
+        if initial_state_noise_on not in ("h0_c0", "h0"):
+            raise ValueError(f"Expected initial_state_noise_on 'h0_c0' or 'h0', but got {initial_state_noise_on!r}.")
+        gate_groups(input_init, INPUT_INITS, "input_init")  # clear errors before anything is built
+        gate_groups(recurrent_init, RECURRENT_INITS, "recurrent_init")
         self.input_size, self.hidden_size = input_size, hidden_size
         self.initial_state_noise = float(initial_state_noise)
+        self.initial_state_noise_on = initial_state_noise_on
+        self.initial_state_noise_in_eval = bool(initial_state_noise_in_eval)
         gates = 4 * hidden_size
         self.weight_ih = nn.Parameter(torch.empty(gates, input_size))
         self.weight_hh = nn.Parameter(torch.empty(gates, hidden_size))
         self.bias = nn.Parameter(torch.zeros(gates)) if bias else None
         self.h0 = nn.Parameter(torch.zeros(hidden_size), requires_grad=learn_initial_state)
         self.c0 = nn.Parameter(torch.zeros(hidden_size), requires_grad=learn_initial_state)
-        init_gate_blocks(self.weight_ih, input_init)
-        init_gate_blocks(self.weight_hh, recurrent_init)
+        init_gate_blocks(self.weight_ih, input_init, INPUT_INITS)
+        init_gate_blocks(self.weight_hh, recurrent_init, RECURRENT_INITS)
         if self.bias is not None:
             with torch.no_grad():
                 self.bias[hidden_size : 2 * hidden_size] = forget_bias
@@ -101,12 +113,18 @@ class NormLSTMCell(nn.Module):
         return self.input_norm, self.recurrent_norm, self.cell_norm
 
     def initial_state(self, batch_size: int) -> tuple[Tensor, Tensor]:
-        """``(h_0, c_0)``, ``(B, H)`` each: the learned state, plus noise in training if configured."""
+        """``(h_0, c_0)``, ``(B, H)`` each: the learned state, plus noise where configured.
+
+        The noise (std ``initial_state_noise``, a fresh draw per sample) goes on ``h_0`` and ``c_0``
+        or on ``h_0`` only (``initial_state_noise_on``), in training and, with
+        ``initial_state_noise_in_eval``, in evaluation too.
+        """
         h0 = self.h0.expand(batch_size, -1)
         c0 = self.c0.expand(batch_size, -1)
-        if self.training and self.initial_state_noise > 0:
+        if self.initial_state_noise > 0 and (self.training or self.initial_state_noise_in_eval):
             h0 = h0 + self.initial_state_noise * torch.randn_like(h0)
-            c0 = c0 + self.initial_state_noise * torch.randn_like(c0)
+            if self.initial_state_noise_on == "h0_c0":
+                c0 = c0 + self.initial_state_noise * torch.randn_like(c0)
         return h0, c0
 
     def input_terms(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -162,4 +180,7 @@ class NormLSTMCell(nn.Module):
         return torch.where(keep, h_new, h), torch.where(keep, c_new, c)
 
     def extra_repr(self) -> str:
-        return f"{self.input_size}, {self.hidden_size}, initial_state_noise={self.initial_state_noise}"
+        noise = f"initial_state_noise={self.initial_state_noise}"
+        if self.initial_state_noise > 0:
+            noise += f" on {self.initial_state_noise_on}" + (" (also in eval)" if self.initial_state_noise_in_eval else "")
+        return f"{self.input_size}, {self.hidden_size}, {noise}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,7 @@ from rnorm.functional.distributed import global_step_counts, world_size
 from rnorm.functional.masking import check_lengths, lengths_to_mask, mask_to_lengths, reverse_padded
 from rnorm.nn.cell import NormLSTMCell
 from rnorm.nn.dispatch import get_recurrence
+from rnorm.nn.init import GateInit
 from rnorm.norms import NormalizerSpec
 
 
@@ -36,8 +37,14 @@ class NormLSTM(nn.Module):
         bias: learn the gate bias.
         learn_initial_state: learn ``h_0``, ``c_0`` per layer and direction (zeros at init).
         initial_state_noise: std of Gaussian noise on the initial state in training (BN §5.1).
-        input_init: initializer of ``W_x`` per gate block: ``orthogonal`` or ``uniform``.
-        recurrent_init: initializer of ``W_h`` per gate block: ``orthogonal``, ``identity`` or ``uniform``.
+        initial_state_noise_on: ``h0_c0`` (default): the noise goes on ``h_0`` and ``c_0``; ``h0``:
+            on ``h_0`` only, as in the authors' code.
+        initial_state_noise_in_eval: also add the noise in evaluation, as the authors' code does.
+        input_init: initializer of ``W_x``: ``orthogonal`` or ``uniform`` for each gate block, or
+            a mapping of gate groups to schemes, each group one matrix, e.g. ``{ifgo: orthogonal}``
+            (see :mod:`rnorm.nn.init`).
+        recurrent_init: initializer of ``W_h``: ``orthogonal``, ``identity`` or ``uniform`` for each
+            gate block, or a mapping of gate groups to schemes, e.g. ``{g: identity, ifo: orthogonal}``.
         forget_bias: initial forget-gate bias.
         impl: the recurrence implementation: ``fused`` (default: the fastest path for the layer
             and device: torch's own LSTM where the layer is a plain LSTM after its weight
@@ -78,8 +85,10 @@ class NormLSTM(nn.Module):
         bias: bool = True,
         learn_initial_state: bool = True,
         initial_state_noise: float = 0.0,
-        input_init: str = "orthogonal",
-        recurrent_init: str = "orthogonal",
+        initial_state_noise_on: Literal["h0_c0", "h0"] = "h0_c0",
+        initial_state_noise_in_eval: bool = False,
+        input_init: GateInit = "orthogonal",
+        recurrent_init: GateInit = "orthogonal",
         forget_bias: float = 0.0,
         impl: str = "fused",
     ) -> None:
@@ -103,6 +112,8 @@ class NormLSTM(nn.Module):
             bias=bias,
             learn_initial_state=learn_initial_state,
             initial_state_noise=initial_state_noise,
+            initial_state_noise_on=initial_state_noise_on,
+            initial_state_noise_in_eval=initial_state_noise_in_eval,
             input_init=input_init,
             recurrent_init=recurrent_init,
             forget_bias=forget_bias,

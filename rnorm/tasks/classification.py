@@ -24,7 +24,7 @@ class SequenceClassifier(RecurrentTask[NormLSTM]):
     Args:
         encoder: builds the NormLSTM from the input size, e.g.
             ``{class_path: rnorm.nn.NormLSTM, init_args: {hidden_size: 100}}`` in YAML.
-        optimizer: builds the optimizer (the BN paper: RMSProp, lr 1e-3, momentum 0.9).
+        optimizer: builds the optimizer (BN §5.1: RMSProp, lr 1e-3, squared-gradient decay ``alpha`` 0.9).
         lr_scheduler: optional learning-rate schedule.
         lr_scheduler_interval: step the schedule every optimizer ``step`` or every ``epoch``.
         input_size: features per step; ``None`` to take the data module's ``input_size``.

@@ -11,6 +11,7 @@ import io
 import re
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -228,7 +229,7 @@ def test_state_dict_restores_the_permutation_over_another_seed(mnist_dir):
     folder, _ = mnist_dir
     trained, x_trained = _test_inputs(folder, permute=True, permutation_seed=1)
     state = trained.state_dict()
-    assert set(state) == {"permute", "permutation_seed", "permutation", "mode"}
+    assert set(state) == {"permute", "permutation_seed", "permutation_draw", "permutation", "mode"}
     assert state["permute"] is True and state["permutation_seed"] == 1 and state["mode"] == "pixel"
     buffer = io.BytesIO()
     torch.save(state, buffer)  # as in a checkpoint, loaded the safe way
@@ -247,6 +248,37 @@ def test_state_dict_restores_the_permutation_over_another_seed(mnist_dir):
     with pytest.warns(UserWarning, match="has permute=False: using the checkpoint's permutation"):
         unpermuted.load_state_dict(state)
     assert unpermuted.permute and torch.equal(_batches(unpermuted.test_dataloader())[0], x_trained)
+
+
+def test_the_authors_order_is_their_numpy_draw_with_replacement(mnist_dir):
+    folder, data = mnist_dir
+    dm, x = _test_inputs(folder, permute=True, permutation_seed=1, permutation_draw="authors")
+    # What sequential_mnist.py --permuted runs with its default --seed 1, written out here.
+    np.random.seed(1)
+    theirs = torch.from_numpy(np.random.randint(0, 784, size=(784,)))
+    assert torch.equal(dm.permutation, theirs)
+    assert len(set(theirs.tolist())) == 501  # drawn with replacement: not a permutation
+    torch.testing.assert_close(x, _scanline(data[NAMES[2]])[:, theirs], rtol=0, atol=0)
+
+
+def test_the_authors_order_is_saved_and_restored_like_the_permutation(mnist_dir):
+    folder, _ = mnist_dir
+    trained, x_trained = _test_inputs(folder, permute=True, permutation_seed=1, permutation_draw="authors")
+    buffer = io.BytesIO()
+    torch.save(trained.state_dict(), buffer)  # as in a checkpoint, loaded the safe way
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert state["permutation_draw"] == "authors" and torch.equal(state["permutation"], trained.permutation)
+    fresh = SequentialMNISTDataModule(data_dir=str(folder), val_size=10, batch_size=5, permute=True, permutation_seed=1)
+    fresh.setup("test")
+    with pytest.warns(UserWarning, match=r"\(permutation_seed=1, permutation_draw='authors'\) differs .* \(permutation_seed=1\)"):
+        fresh.load_state_dict(state)
+    assert fresh.permutation_draw == "authors" and torch.equal(_batches(fresh.test_dataloader())[0], x_trained)
+    out_of_range = dict(state, permutation=torch.full((784,), 784))
+    with pytest.raises(ValueError, match=r"pixel order to be 784 indices in \[0, 784\)"):
+        fresh.load_state_dict(out_of_range)
+    with pytest.raises(ValueError, match=r"Expected permutation_draw one of \('randperm', 'authors'\) but got 'numpy'"):
+        SequentialMNISTDataModule(permute=True, permutation_draw="numpy")
 
 
 def test_a_scanline_checkpoint_wins_over_permute(mnist_dir):

@@ -180,6 +180,17 @@ def test_unknown_initializer(option, message):
         _model(**{option: "xavier"})
 
 
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"g": "identity", "if": "orthogonal"}, r"keys of recurrent_init to name each gate of 'ifgo' exactly once .* got \['g', 'if'\]"),
+    ({"g": "identity", "ifgo": "orthogonal"}, r"keys of recurrent_init to name each gate of 'ifgo' exactly once"),
+    ({"gi": "identity", "fo": "orthogonal"}, r"recurrent_init: the identity initializes one square gate block, but 'gi' groups 2"),
+    ({"g": "xavier", "ifo": "orthogonal"}, r"Unknown recurrent_init 'xavier' for gates 'g'"),
+])
+def test_bad_grouped_initializer(spec, message):
+    with pytest.raises(ValueError, match=message):
+        _model(recurrent_init=spec)
+
+
 def test_identity_input_init_is_not_offered():
     with pytest.raises(ValueError, match=r"Unknown input_init 'identity'"):
         _model(input_init="identity")

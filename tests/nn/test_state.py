@@ -153,6 +153,36 @@ def test_initial_state_noise_is_added_in_training_only():
     assert abs(float((h0 - 1.0).mean())) < 0.015
 
 
+def test_initial_state_noise_on_h0_only_leaves_c0_alone():
+    # The authors' code (sequential_mnist.py --noise) adds the noise to h_0 only.
+    cell = NormLSTMCell(D, H, "ln", "ln", "ln", initial_state_noise=0.5, initial_state_noise_on="h0").double()
+    with torch.no_grad():
+        cell.c0.fill_(0.25)
+        h0, c0 = cell.initial_state(2000)  # (2000, H) each
+    assert torch.equal(c0, torch.full((2000, H), 0.25, dtype=torch.double))
+    # 8000 draws: the std's standard error is ~0.8 %, 3 % allowed.
+    assert abs(float(h0.std()) - 0.5) < 0.015
+    both = NormLSTMCell(D, H, "ln", "ln", "ln", initial_state_noise=0.5).double()
+    with torch.no_grad():
+        assert float(both.initial_state(2000)[1].std()) > 0.4  # the default still perturbs c_0
+
+
+def test_initial_state_noise_in_eval_when_asked():
+    torch.manual_seed(0)
+    model = NormLSTM(D, H, input_norm="ln", recurrent_norm="ln", cell_norm="ln", initial_state_noise=0.5,
+                     initial_state_noise_on="h0", initial_state_noise_in_eval=True).double().eval()
+    x = _x()
+    assert not torch.equal(model(x)[0], model(x)[0])  # a fresh draw at every evaluation
+    with torch.no_grad():
+        h0, c0 = model.cells[0].initial_state(2000)
+    assert abs(float(h0.std()) - 0.5) < 0.015 and not c0.any()  # 8000 draws, as above
+
+
+def test_bad_initial_state_noise_target():
+    with pytest.raises(ValueError, match=r"Expected initial_state_noise_on 'h0_c0' or 'h0', but got 'c0'"):
+        NormLSTMCell(D, H, initial_state_noise=0.1, initial_state_noise_on="c0")
+
+
 # -- initializers ---------------------------------------------------------------------------------
 
 
@@ -170,6 +200,42 @@ def test_orthogonal_init_gives_orthogonal_gate_blocks(input_size, hidden_size):
             gram = block @ block.T if block.shape[0] <= block.shape[1] else block.T @ block
             torch.testing.assert_close(gram, torch.eye(gram.shape[0]), rtol=0, atol=1e-5)  # float32
         assert not torch.allclose(weight[:hidden_size], weight[hidden_size : 2 * hidden_size])
+
+
+def _orthonormal_columns(matrix: torch.Tensor) -> bool:
+    # float32 weights: the Gram matrix is exact to a few ulps of 1.
+    return torch.allclose(matrix.T @ matrix, torch.eye(matrix.shape[1]), rtol=0, atol=1e-5)
+
+
+def test_grouped_recurrent_init_identity_candidate_and_one_orthogonal_matrix():
+    # The authors' --init id: W_h's candidate block (g) the identity, the other three one
+    # orthogonal (3H, H) matrix, not three orthogonal blocks.
+    torch.manual_seed(0)
+    hidden = 6
+    cell = NormLSTMCell(D, hidden, recurrent_init={"g": "identity", "ifo": "orthogonal"})
+    i, f, g, o = cell.weight_hh.detach().split(hidden)
+    assert torch.equal(g, torch.eye(hidden))
+    assert _orthonormal_columns(torch.cat([i, f, o]))
+    assert not any(_orthonormal_columns(block) for block in (i, f, o))  # each about 1/sqrt(3) in scale
+
+
+def test_grouped_input_init_one_orthogonal_matrix_over_all_gates():
+    # The authors' W_x for one input: one unit-norm row of length 4H (one orthogonal 1 x 4H matrix),
+    # where per-block orthogonal gives each of the four blocks unit norm.
+    torch.manual_seed(0)
+    joint = NormLSTMCell(1, 5, input_init={"ifgo": "orthogonal"}).weight_ih.detach()  # (20, 1)
+    torch.testing.assert_close(joint.norm(), torch.tensor(1.0), rtol=0, atol=1e-6)  # float32 round-off
+    per_block = NormLSTMCell(1, 5).weight_ih.detach()
+    torch.testing.assert_close(per_block.norm(), torch.tensor(2.0), rtol=0, atol=1e-6)
+
+
+def test_a_string_init_equals_four_one_gate_groups():
+    torch.manual_seed(3)
+    plain = NormLSTMCell(D, H, recurrent_init="orthogonal").weight_hh.detach()
+    torch.manual_seed(3)
+    grouped = NormLSTMCell(D, H, recurrent_init={"i": "orthogonal", "f": "orthogonal", "g": "orthogonal",
+                                                 "o": "orthogonal"}).weight_hh.detach()
+    assert torch.equal(plain, grouped)
 
 
 def test_uniform_init_is_bounded_by_one_over_sqrt_h():
