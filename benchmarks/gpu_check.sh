@@ -9,7 +9,8 @@
 #   1. what is there: GPU, driver, torch, triton; that rnorm.nn, rnorm.kernels and the benchmark import
 #      without jsonargparse or rnorm.cli;
 #   2. the CUDA tests: the Triton kernels against the reference loop (tests/kernels/test_triton.py,
-#      float32, bf16, TF32, captured graphs) and test_fused's CUDA comparison;
+#      float32, bf16, TF32, captured graphs), test_fused's CUDA comparison (which takes cuDNN for
+#      none and wn) and torch's LSTM path on one weight buffer (tests/kernels/test_cudnn.py);
 #   3. benchmarks/triton_variants.py: graphs on/off, tl.dot or torch.mm products, TF32, at pMNIST and PTB;
 #   4. benchmarks/rnn_speed.py on the papers' shapes, every strategy, training and inference, peak memory;
 #   5. the same with TF32 products (cuDNN's LSTM uses TF32 by default), at PTB and text8.
@@ -50,7 +51,8 @@ from rnorm.kernels import resolve_backend
 print(\"imports without jsonargparse: ok; fused on cuda float32 runs\", resolve_backend(\"auto\", torch.device(\"cuda\"), torch.float32, False))
 "'
 stage tests 150 python3 -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" \
-  tests/kernels/test_triton.py "tests/nn/test_fused.py::test_cuda_matches_reference"
+  tests/kernels/test_triton.py "tests/nn/test_fused.py::test_cuda_matches_reference" \
+  "tests/kernels/test_cudnn.py::test_cuda_runs_cudnn_on_one_weight_buffer"
 stage variants 70 python3 benchmarks/triton_variants.py --json "$OUT/variants.json"
 stage speed 170 python3 benchmarks/rnn_speed.py --device cuda --shapes pmnist,ptb,text8 --norms all \
   --modes train,infer --repeats 3 --warmup 2 --json "$OUT/speed.json"

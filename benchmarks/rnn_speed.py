@@ -20,7 +20,11 @@ A norm name is applied to every site its strategy supports and ``none`` elsewher
 ``seqbn``, which only normalizes the input site and is benchmarked as BN-e* (``seqbn/bn/bn``),
 the model it belongs to. So ``wn`` is ``wn/wn/none``. The ``sites`` of each result record it.
 
-Reported: median milliseconds of each, their ratio NormLSTM / nn.LSTM, and peak memory on CUDA
+``--impl fused,cudnn`` times several of NormLSTM's implementations (one row each) interleaved in
+the same loop with one nn.LSTM, so that they can be compared on a shared, noisy machine;
+``--hidden N`` gives every shape N hidden units instead of its own, to find where two paths cross.
+
+Reported: median milliseconds of each (every timed call is kept in the JSON), their ratio NormLSTM / nn.LSTM, and peak memory on CUDA
 (``torch.cuda.max_memory_allocated``, reset before each measured call; ``null`` on CPU, where no
 allocator statistic isolates one call). The JSON is written atomically.
 """
@@ -88,8 +92,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--input", default="normal", choices=INPUTS, help="input distribution (default: standard normal)")
     parser.add_argument("--tf32", action="store_true", help="set torch.backends.cuda.matmul.allow_tf32 (TF32 products, as cuDNN's default)")
     parser.add_argument(
-        "--impl", default="fused", choices=sorted(RECURRENCES), help="NormLSTM's recurrence implementation (default: fused)"
+        "--impl",
+        default="fused",
+        help=f"comma list of NormLSTM's recurrence implementations, timed interleaved ({', '.join(sorted(RECURRENCES))}; default: fused)",
     )
+    parser.add_argument("--hidden", type=int, default=None, help="H of every shape instead of its own (where paths cross)")
     args = parser.parse_args(argv)
 
     def names(value: str, known: Sequence[str], what: str) -> list[str]:
@@ -103,6 +110,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     known_norms = list(norms.available())
     args.norms = known_norms if args.norms.strip() == "all" else names(args.norms, known_norms, "norm")
     args.modes = names(args.modes, list(MODES), "mode")
+    args.impl = names(args.impl, sorted(RECURRENCES), "impl")
+    if args.hidden is not None and args.hidden < 1:
+        parser.error(f"need --hidden >= 1, but got {args.hidden}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but CUDA is not available (torch.cuda.is_available() is False)")
     if args.repeats < 1 or args.warmup < 0:
@@ -187,68 +197,84 @@ def timed(call: Callable[[], None], device: torch.device) -> tuple[float, float 
     return elapsed, peak
 
 
-def bench_one(name: str, shape: str, mode: str, args: argparse.Namespace, device: torch.device) -> dict:
+def bench_one(name: str, shape: str, mode: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """One row per implementation in ``args.impl``: each NormLSTM and nn.LSTM timed interleaved."""
     T, B, D, H = SHAPES[shape]
     T = max(2, round(T * args.steps_scale))
     B = max(2, round(B * args.batch_scale))  # batch statistics need 2 samples
+    H = H if args.hidden is None else args.hidden
     sites = sites_of(name)
     torch.manual_seed(args.seed)
     init = config_init() if args.init == "config" else {}
-    ours = NormLSTM(D, H, batch_first=True, impl=args.impl, **sites, **init).to(device, torch.float32)
+    ours = {impl: NormLSTM(D, H, batch_first=True, impl=impl, **sites, **init).to(device, torch.float32) for impl in args.impl}
+    first = next(iter(ours.values()))
+    for model in ours.values():
+        model.load_state_dict(first.state_dict())
     theirs = nn.LSTM(D, H, batch_first=True).to(device, torch.float32)
     if init:
         copy_into_lstm(NormLSTM(D, H, **init).to(device, torch.float32), theirs)
     x = torch.rand(B, T, D, device=device) if args.input == "uniform" else torch.randn(B, T, D, device=device)
     if mode == "infer":
-        with torch.no_grad():
-            ours.train()(x)  # population statistics for bn / seqbn
-        ours.eval()
+        for model in ours.values():
+            with torch.no_grad():
+                model.train()(x)  # population statistics for bn / seqbn
+            model.eval()
         theirs.eval()
     else:
-        ours.train()
+        for model in ours.values():
+            model.train()
         theirs.train()
-    calls = {"normlstm": make_call(ours, x, mode, args.loss), "lstm": make_call(theirs, x, mode, args.loss)}
+    calls = {impl: make_call(model, x, mode, args.loss) for impl, model in ours.items()}
+    calls["lstm"] = make_call(theirs, x, mode, args.loss)
     for _ in range(args.warmup):
         for call in calls.values():
             call()
     times: dict[str, list[float]] = {key: [] for key in calls}
     peaks: dict[str, list[float]] = {key: [] for key in calls}
     for _ in range(args.repeats):
-        for key, call in calls.items():  # interleaved: NormLSTM, nn.LSTM, NormLSTM, ...
+        for key, call in calls.items():  # interleaved: each NormLSTM, then nn.LSTM, every repeat
             elapsed, peak = timed(call, device)
             times[key].append(elapsed)
             if peak is not None:
                 peaks[key].append(peak)
-    normlstm_ms, lstm_ms = statistics.median(times["normlstm"]), statistics.median(times["lstm"])
-    return {
-        "norm": name,
-        "sites": "/".join(sites[f"{site}_norm"] for site in SITES),
-        "shape": shape,
-        "T": T,
-        "B": B,
-        "D": D,
-        "H": H,
-        "mode": mode,
-        "loss": args.loss if mode == "train" else None,
-        "init": args.init,
-        "input": args.input,
-        "impl": args.impl,
-        "normlstm_ms": normlstm_ms,
-        "lstm_ms": lstm_ms,
-        "ratio": normlstm_ms / lstm_ms,
-        "peak_mb": max(peaks["normlstm"]) if peaks["normlstm"] else None,
-        "lstm_peak_mb": max(peaks["lstm"]) if peaks["lstm"] else None,
-    }
+    lstm_ms = statistics.median(times["lstm"])
+    rows = []
+    for impl in args.impl:
+        normlstm_ms = statistics.median(times[impl])
+        rows.append(
+            {
+                "norm": name,
+                "sites": "/".join(sites[f"{site}_norm"] for site in SITES),
+                "shape": shape,
+                "T": T,
+                "B": B,
+                "D": D,
+                "H": H,
+                "mode": mode,
+                "loss": args.loss if mode == "train" else None,
+                "init": args.init,
+                "input": args.input,
+                "impl": impl,
+                "normlstm_ms": normlstm_ms,
+                "lstm_ms": lstm_ms,
+                "ratio": normlstm_ms / lstm_ms,
+                "normlstm_all_ms": times[impl],
+                "lstm_all_ms": times["lstm"],
+                "peak_mb": max(peaks[impl]) if peaks[impl] else None,
+                "lstm_peak_mb": max(peaks["lstm"]) if peaks["lstm"] else None,
+            }
+        )
+    return rows
 
 
 def format_table(results: list[dict]) -> str:
-    header = f"{'norm':<9}{'sites':<28}{'shape':<8}{'T':>5}{'B':>5}{'H':>6}  {'mode':<6}"
+    header = f"{'norm':<9}{'sites':<28}{'shape':<8}{'T':>5}{'B':>5}{'H':>6}  {'mode':<6}{'impl':<12}"
     header += f"{'NormLSTM ms':>13}{'nn.LSTM ms':>12}{'ratio':>8}{'peak MiB':>10}"
     lines = [header, "-" * len(header)]
     for r in results:
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         lines.append(
-            f"{r['norm']:<9}{r['sites']:<28}{r['shape']:<8}{r['T']:>5}{r['B']:>5}{r['H']:>6}  {r['mode']:<6}"
+            f"{r['norm']:<9}{r['sites']:<28}{r['shape']:<8}{r['T']:>5}{r['B']:>5}{r['H']:>6}  {r['mode']:<6}{r['impl']:<12}"
             f"{r['normlstm_ms']:>13.1f}{r['lstm_ms']:>12.1f}{r['ratio']:>7.1f}x{peak:>10}"
         )
     return "\n".join(lines)
@@ -266,13 +292,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for shape in args.shapes:
         for name in args.norms:
             for mode in args.modes:
-                result = bench_one(name, shape, mode, args, device)
-                results.append(result)
-                print(f"  {name} {shape} {mode}: ratio {result['ratio']:.2f}", file=sys.stderr, flush=True)
+                for result in bench_one(name, shape, mode, args, device):
+                    results.append(result)
+                    print(f"  {name} {shape} {mode} {result['impl']}: ratio {result['ratio']:.2f}", file=sys.stderr, flush=True)
     print(format_table(results))
-    if args.impl == "fused":
+    if "fused" in args.impl:
         work = {"native": "compiled CPU kernels (rnorm.kernels._fused_step)", "triton": "Triton kernels (rnorm.kernels.triton)", "torch": "torch operations"}
-        print("fused per-step work: " + work[resolve_backend("auto", device, torch.float32, False)])
+        print("fused per-step work: " + work[resolve_backend("auto", device, torch.float32, False)] + " (torch's LSTM where it is faster: docs/performance.md)")
     print(f"loss {args.loss}, init {args.init}, input {args.input}")
     elapsed = time.perf_counter() - started
     print(f"total {elapsed:.0f} s")
@@ -296,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "sites": "input/recurrent/cell: the name on every site it supports, 'none' elsewhere; "
                 "seqbn is BN-e* (seqbn/bn/bn)",
                 "ratio": "normlstm_ms / lstm_ms",
+                "all_ms": "normlstm_all_ms, lstm_all_ms: every timed call in order (repeats interleaved)",
                 "peak_mb": CPU_MEMORY_NOTE if device.type == "cpu" else "torch.cuda.max_memory_allocated per call, MiB",
             },
             "total_s": elapsed,

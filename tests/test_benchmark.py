@@ -72,3 +72,22 @@ def test_last_step_loss_and_the_configs_initialization(rnn_speed, tmp_path):
     assert report["settings"]["loss"] == "last" and math.isfinite(row["ratio"])
     init = rnn_speed.config_init()
     assert init and set(init) <= set(rnn_speed.INIT_KEYS)
+
+
+def test_several_implementations_interleaved_and_another_hidden_size(rnn_speed, tmp_path):
+    """``--impl fused,cudnn``: one row per implementation, against the same nn.LSTM timings, every
+    timed call kept; ``--hidden`` replaces the shape's H."""
+    out = tmp_path / "speed.json"
+    argv = [*TINY, "--norms", "none", "--modes", "train", "--impl", "fused,cudnn", "--hidden", "16", "--json", str(out)]
+    assert rnn_speed.main(argv) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [row["impl"] for row in rows] == ["fused", "cudnn"]
+    assert all(row["H"] == 16 and len(row["normlstm_all_ms"]) == 2 for row in rows)
+    assert rows[0]["lstm_all_ms"] == rows[1]["lstm_all_ms"]
+
+
+def test_unknown_impl_exits_listing_the_known_ones(rnn_speed, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        rnn_speed.main([*TINY, "--impl", "fused,cuda"])
+    assert exit_info.value.code == 2
+    assert "unknown impl ['cuda']; known: cudnn, fused, fused_native, fused_torch, reference, triton" in capsys.readouterr().err

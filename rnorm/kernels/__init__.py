@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rnorm.kernels import native
+from rnorm.kernels import cudnn, native
+from rnorm.kernels.choice import LAYER_BACKENDS, Path, choose, log_path
 from rnorm.kernels.kinds import STEP_KINDS, StepKind, get_kind
 from rnorm.kernels.op import BACKENDS, lstm_recurrence, resolve_backend
 from rnorm.kernels.precision import autocast_dtype, products_precision
@@ -34,13 +35,17 @@ from rnorm.kernels.spec import LayerResult, LayerSpec, SiteSpec, SiteStatistics
 
 __all__ = [
     "BACKENDS",
+    "LAYER_BACKENDS",
     "STEP_KINDS",
     "LayerResult",
     "LayerSpec",
+    "Path",
     "SiteSpec",
     "SiteStatistics",
     "StepKind",
+    "cudnn",
     "get_kind",
+    "log_path",
     "lstm_layer",
     "native",
     "resolve_backend",
@@ -58,7 +63,11 @@ def lstm_layer(
         h0, c0: ``(B, H)`` each.
         mask: ``(T, B)`` boolean, ``True`` on real steps (padding at the end of each sequence), or
             ``None``. Padded steps leave the state unchanged and output 0.
-        backend: one of :data:`BACKENDS`.
+        backend: one of :data:`LAYER_BACKENDS`: ``auto`` (torch's LSTM where the layer is a plain
+            LSTM after its weight transform and that is faster, else the op's best implementation),
+            ``cudnn`` (torch's LSTM, :mod:`rnorm.kernels.cudnn`), or an op implementation
+            (``native``, ``torch``, ``triton``). The choice is logged once
+            (:func:`rnorm.kernels.choice.log_path`).
 
     Returns:
         ``output`` ``(T, B, H)``, ``h_n``, ``c_n`` ``(B, H)`` at each sequence's last real step, and the
@@ -66,10 +75,15 @@ def lstm_layer(
 
     Under ``torch.autocast`` the op runs in the weights' dtype (``x``, ``h0``, ``c0`` cast to it, the
     preparation with autocast off) and its products' operands take the autocast dtype
-    (:mod:`rnorm.kernels.precision`): float32 states, statistics and sums, a float32 output.
+    (:mod:`rnorm.kernels.precision`): float32 states, statistics and sums, a float32 output. Torch's
+    LSTM runs wholly in the weights' dtype there (cuDNN's float32 products are TF32 where
+    ``torch.backends.cudnn.allow_tf32``, the default).
 
     Raises:
-        ValueError: a description or tensor that does not fit (what was expected, what was given).
+        ValueError: a description or tensor that does not fit (what was expected, what was given),
+            an unknown ``backend``, or ``cudnn`` where the layer is not a plain LSTM after its weight
+            transform (the reason).
+        RuntimeError: ``native`` or ``triton`` where those kernels cannot run (the reason).
     """
     precision = None
     if autocast_dtype(x.device.type) is not None:
@@ -82,6 +96,10 @@ def lstm_layer(
 
 def _layer(spec: LayerSpec, x: Tensor, h0: Tensor, c0: Tensor, mask: Tensor | None, backend: str, precision: str | None) -> LayerResult:
     spec.check(x, h0, c0, mask)
+    path = choose(spec, x, mask, backend)
+    log_path(path)
+    if path.name == "cudnn":
+        return cudnn.lstm_layer(spec, x, h0, c0, mask)
     args, statistics = prepare(spec, x, h0, c0, mask, backend, precision)
     outputs = lstm_recurrence(args)
     for site in ("input", "recurrent", "cell"):

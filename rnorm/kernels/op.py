@@ -45,7 +45,7 @@ from rnorm.kernels.schema import (
     to_flat,
 )
 
-__all__ = ["BACKENDS", "lstm_recurrence", "resolve_backend"]
+__all__ = ["BACKENDS", "choose_backend", "lstm_recurrence", "resolve_backend"]
 
 #: What ``backend`` may ask for: ``auto`` (the best implementation for the device), ``native`` (the
 #: compiled CPU kernels; an error where they cannot run), ``torch`` (the torch-ops loop anywhere) or
@@ -62,11 +62,35 @@ torch.library.define(BACKWARD_INPLACE, op_schema(BackwardArgs, Gradients, mutati
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, synchronized: bool) -> str:
-    """The implementation that runs: ``"native"``, ``"triton"`` or ``"torch"``.
+    """The implementation that runs: ``"native"``, ``"triton"`` or ``"torch"`` (:func:`choose_backend`
+    without its reason).
 
-    ``auto`` on CUDA is the Triton kernels where they run. (Models that are a plain LSTM after their
-    weight transform can be sent to cuDNN before the op is reached: that dispatch belongs to
-    :mod:`rnorm.nn.dispatch`, ahead of this one.)
+    Raises:
+        ValueError: an unknown ``backend``.
+        RuntimeError: ``backend="native"`` or ``"triton"`` where those kernels cannot run (says why).
+    """
+    return choose_backend(backend, device, dtype, synchronized)[0]
+
+
+def choose_backend(
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    synchronized: bool,
+    *,
+    batch_size: int | None = None,
+    warn: bool = True,
+) -> tuple[str, str]:
+    """The implementation that runs and why, in words for the log line (no shapes or values).
+
+    ``auto`` on CUDA is the Triton kernels where they run. (Layers that are a plain LSTM after their
+    weight transform can be sent to torch's LSTM before the op is reached: that dispatch is
+    :func:`rnorm.kernels.choice.choose`, ahead of this one.)
+
+    Args:
+        backend, device, dtype, synchronized: what is asked for, and of which tensors.
+        batch_size: ``B``, to check it against the Triton kernels' limits (``None``: not checked).
+        warn: warn (once per location) where ``auto`` finds the compiled CPU kernels not built.
 
     Raises:
         ValueError: an unknown ``backend``.
@@ -75,28 +99,30 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, sync
     if backend not in BACKENDS:
         raise ValueError(f"Unknown fused recurrence backend {backend!r}. Available: {', '.join(BACKENDS)}.")
     if backend == "torch":
-        return "torch"
+        return "torch", "backend 'torch' was asked for"
     if backend == "triton" or (backend == "auto" and device.type == "cuda"):
         reason = triton_kernels.unsupported(device, dtype, synchronized)
+        if reason is None and batch_size is not None:
+            reason = triton_kernels.unsupported_batch(batch_size)
         if reason is None:
-            return "triton"
+            return "triton", "the Triton kernels"
         if backend == "triton":
             raise RuntimeError(f"backend='triton': the Triton kernels cannot run: {reason}. Use backend 'auto' or 'torch'.")
-        return "torch"
+        return "torch", f"the Triton kernels cannot run: {reason}"
     reason = None
     if device.type != "cpu" or dtype not in (torch.float32, torch.float64):
-        reason = "they need float32 or float64 tensors on the CPU"
+        reason = f"they need float32 or float64 tensors on the CPU, not {dtype} on {device.type}"
     elif synchronized:
         reason = "batch statistics synchronized across processes run with torch operations"
     elif not native.available():
         reason = "they are not built (no C++ compiler at install time?)"
-        if backend == "auto":
+        if backend == "auto" and warn:
             warnings.warn(native.MISSING_MESSAGE, RuntimeWarning, stacklevel=4)
     if reason is None:
-        return "native"
+        return "native", "the compiled CPU kernels"
     if backend == "native":
         raise RuntimeError(f"backend='native': the compiled CPU kernels cannot run: {reason}. Use backend 'auto' or 'torch'.")
-    return "torch"
+    return "torch", f"the compiled CPU kernels cannot run: {reason}"
 
 
 def lstm_recurrence(args: RecurrenceArgs) -> RecurrenceOutputs:
@@ -108,16 +134,9 @@ def lstm_recurrence(args: RecurrenceArgs) -> RecurrenceOutputs:
 
 
 def _chosen(args: RecurrenceArgs | BackwardArgs) -> str:
-    """:func:`resolve_backend` for the op's arguments, and the batch size the Triton kernels take."""
+    """:func:`resolve_backend` for the op's arguments, the batch size checked against the Triton kernels."""
     source = args.source
-    chosen = resolve_backend(args.backend, source.device, source.dtype, args.synchronized)
-    if chosen == "triton":
-        reason = triton_kernels.unsupported_batch(source.shape[1])
-        if reason is not None:
-            if args.backend == "triton":
-                raise RuntimeError(f"backend='triton': the Triton kernels cannot run: {reason}. Use backend 'auto' or 'torch'.")
-            return "torch"
-    return chosen
+    return choose_backend(args.backend, source.device, source.dtype, args.synchronized, batch_size=source.shape[1])[0]
 
 
 def _no_autocast(tensor: Tensor) -> torch.autocast:

@@ -13,6 +13,10 @@ same function:
 An input-site strategy without a fused form, or ``seqbn`` on an input wider than ``H`` (where the
 covariance route of :func:`~rnorm.kernels.prepare.sequence_to_affine` costs more than the input
 terms), has its input terms computed before the loop by the cell, as in the reference.
+
+Each fallback is logged once (``rnorm.kernels`` logger, INFO), as is every path
+:func:`rnorm.kernels.lstm_layer` chooses. ``impl="cudnn"`` (torch's own LSTM) raises instead of
+falling back, except for the hidden probe, a diagnostic that does not change the model.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from functools import partial
 
 from torch import Tensor
 
-from rnorm.kernels import LayerSpec, SiteSpec, lstm_layer
+from rnorm.kernels import LayerSpec, Path, SiteSpec, log_path, lstm_layer
 from rnorm.nn.cell import NormLSTMCell
 from rnorm.nn.recurrence import reference_recurrence
 from rnorm.norms.base import FusedStep
@@ -80,19 +84,28 @@ def fused_layer(
     backend: str = "auto",
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One direction of one layer through :func:`rnorm.kernels.lstm_layer`; the arguments and results
-    of :func:`reference_layer`, ``backend`` one of :data:`rnorm.kernels.BACKENDS`."""
+    of :func:`reference_layer`, ``backend`` one of :data:`rnorm.kernels.LAYER_BACKENDS`.
+
+    Raises:
+        ValueError: ``backend="cudnn"`` where the layer is not a plain LSTM after its weight
+            transform (the reason), including where the fused path would run the reference loop.
+    """
     if hidden_probe is not None:
-        return reference_layer(cell, x, h0, c0, mask, hidden_probe)
+        reason = "a hidden probe (gradient-flow analysis) is kept out of the kernels"
+        return _reference(cell, x, h0, c0, mask, reason, hidden_probe)
     num_steps = x.shape[0]
     norms = cell.norms
     for norm in norms:
         norm.start(num_steps)
     inp, rec, cel = (norm.fused_step(num_steps) for norm in norms)
     if rec is None or cel is None:
-        return reference_layer(cell, x, h0, c0, mask)
+        site, norm = ("recurrent", cell.recurrent_norm) if rec is None else ("cell", cell.cell_norm)
+        reason = f"the {site} site's strategy {type(norm).__name__} has no fused form"
+        return _reference(cell, x, h0, c0, mask, reason, backend=backend)
     batch_sites = [step.synchronized for step in (inp, rec, cel) if step is not None and step.kind == "batch"]
-    if any(batch_sites) and not all(batch_sites):
-        return reference_layer(cell, x, h0, c0, mask)  # one set of step weights per layer
+    if any(batch_sites) and not all(batch_sites):  # one set of step weights per layer
+        reason = "batch statistics synchronized across processes on some sites but not others"
+        return _reference(cell, x, h0, c0, mask, reason, backend=backend)
     if inp is None or (inp.kind == "sequence" and x.shape[2] > cell.hidden_size):
         source, input_weight, input_site, bias = cell.input_terms(x, mask), None, None, None  # (T, B, 4H)
     else:
@@ -115,17 +128,53 @@ def fused_layer(
     return result.output, (result.h_n, result.c_n)
 
 
+def _reference(
+    cell: NormLSTMCell,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    mask: Tensor | None,
+    reason: str,
+    hidden_probe: Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """The reference loop where the fused path cannot compute the function, logged once with ``reason``;
+    an error instead where ``backend="cudnn"`` was asked for (no hidden probe: that is a diagnostic)."""
+    if backend == "cudnn":
+        raise ValueError(
+            f"impl='cudnn': this layer is not a plain LSTM after its weight transform: {reason}. Use impl 'fused'."
+        )
+    log_path(Path("reference", reason))
+    return reference_layer(cell, x, h0, c0, mask, hidden_probe)
+
+
+def _forced_reference(
+    cell: NormLSTMCell, x: Tensor, h0: Tensor, c0: Tensor, mask: Tensor | None, hidden_probe: Tensor | None = None
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """:func:`reference_layer`, logged once as asked for."""
+    log_path(Path("reference", "impl 'reference' was asked for"))
+    return reference_layer(cell, x, h0, c0, mask, hidden_probe)
+
+
 #: Implementations of one direction of one layer by name; each takes and returns what
-#: :func:`reference_layer` does. ``fused`` is the op of :mod:`rnorm.kernels` with the best
-#: implementation for the device (the compiled kernels on CPU where built); ``fused_torch`` the same
-#: op with its torch-ops loop everywhere (allows backward through one graph more than once);
-#: ``triton`` the same op with the Triton kernels (CUDA; CPU tensors under ``TRITON_INTERPRET=1``;
-#: an error naming the reason elsewhere); ``reference`` the per-step loop of the papers' equations.
+#: :func:`reference_layer` does. ``fused`` is :func:`rnorm.kernels.lstm_layer` with its best path for
+#: the device (torch's LSTM where the layer is a plain LSTM after its weight transform and that is
+#: faster, else the op with its best implementation: the compiled kernels on CPU where built, the
+#: Triton kernels on CUDA where they run); ``fused_torch`` the same op with its torch-ops loop
+#: everywhere (allows backward through one graph more than once); ``fused_native`` the same op with
+#: the compiled CPU kernels, forced (an error naming the reason where they cannot run; what ``fused``
+#: is measured against); ``triton`` the same op with the
+#: Triton kernels (CUDA; CPU tensors under ``TRITON_INTERPRET=1``; an error naming the reason
+#: elsewhere); ``cudnn`` torch's own LSTM (an error naming the reason where the layer is not a plain
+#: LSTM after its weight transform); ``reference`` the per-step loop of the papers' equations.
 RECURRENCES: dict[str, Recurrence] = {
     "fused": fused_layer,
     "fused_torch": partial(fused_layer, backend="torch"),
+    "fused_native": partial(fused_layer, backend="native"),
     "triton": partial(fused_layer, backend="triton"),
-    "reference": reference_layer,
+    "cudnn": partial(fused_layer, backend="cudnn"),
+    "reference": _forced_reference,
 }
 
 

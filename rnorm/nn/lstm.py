@@ -46,13 +46,19 @@ class NormLSTM(nn.Module):
         recurrent_init: initializer of ``W_h``: ``orthogonal``, ``identity`` or ``uniform`` for each
             gate block, or a mapping of gate groups to schemes, e.g. ``{g: identity, ifo: orthogonal}``.
         forget_bias: initial forget-gate bias.
-        impl: the recurrence implementation: ``fused`` (default: the op of :mod:`rnorm.kernels`,
-            its per-step work in the compiled CPU kernels where they are built; the reference loop
-            for strategies without a fused form; the Triton kernels on CUDA), ``fused_torch`` (the
-            same op with torch operations per step; allows backward through one graph more than
-            once), ``triton`` (the same op with the Triton kernels, forced: CUDA, or CPU tensors under
-            ``TRITON_INTERPRET=1``) or ``reference`` (the per-step loop of the papers' equations);
-            see :data:`rnorm.nn.dispatch.RECURRENCES`.
+        impl: the recurrence implementation: ``fused`` (default: the fastest path for the layer
+            and device: torch's own LSTM where the layer is a plain LSTM after its weight
+            transform and that is faster (cuDNN on CUDA), else the op of :mod:`rnorm.kernels`, its
+            per-step work in the compiled CPU kernels where they are built and in the Triton
+            kernels on CUDA; the reference loop for strategies without a fused form),
+            ``fused_torch`` (the op with torch operations per step; allows backward through one
+            graph more than once), ``fused_native`` (the op with the compiled CPU kernels, forced),
+            ``triton`` (the op with the Triton kernels, forced: CUDA, or CPU
+            tensors under ``TRITON_INTERPRET=1``), ``cudnn`` (torch's own LSTM; an error naming the
+            reason where the layer is not a plain LSTM after its weight transform) or ``reference``
+            (the per-step loop of the papers' equations); see :data:`rnorm.nn.dispatch.RECURRENCES`.
+            The path taken is logged once at INFO on the ``rnorm.kernels`` logger
+            (docs/performance.md, "Which path runs where").
 
     Example:
         >>> import torch

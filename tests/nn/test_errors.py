@@ -231,7 +231,7 @@ def test_from_lstm_with_a_clashing_option_or_a_non_lstm():
     (dict(num_layers=0), r"Expected num_layers >= 1, but got 0"),
     (dict(dropout=1.0), r"Expected dropout in \[0, 1\), but got 1.0"),
     (dict(initial_state_noise=-0.1), r"Expected initial_state_noise >= 0, but got -0.1"),
-    (dict(impl="fast"), r"Unknown recurrence implementation 'fast'\. Available: fused, fused_torch, reference"),
+    (dict(impl="fast"), r"Unknown recurrence implementation 'fast'\. Available: cudnn, fused, fused_native, fused_torch, reference, triton"),
 ])
 def test_bad_layer_options(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -15,6 +15,9 @@ Each comparison runs for both ways the fused loop does its per-step work: the co
 (``impl="fused"``, skipped where the extension is not built) and torch operations
 (``impl="fused_torch"``, what runs on CUDA). The kernels' own exp is accurate to a few units in
 the last place, far inside the tolerance.
+
+The last part compares ``impl="cudnn"`` (torch's own LSTM, for the strategies that leave a plain LSTM
+after their weight transform) with the reference the same way, and checks its refusals.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rnorm import norms
+from rnorm import kernels, norms
 from rnorm.kernels import native, resolve_backend
 from rnorm.nn import NormLSTM, dispatch
 
@@ -165,14 +168,15 @@ def test_strategy_without_fused_form_runs_the_reference(monkeypatch):
     reference = NormLSTM(3, 4, input_norm="none", recurrent_norm=Doubling, cell_norm="none", impl="reference")
     reference.load_state_dict(model.state_dict())
     x = torch.randn(2, 5, 3)
-    assert torch.equal(model(x)[0], reference(x)[0])
+    output = model(x)[0]
     assert calls == [1]
+    assert torch.equal(output, reference(x)[0])
 
 
 def test_fused_is_the_default_and_reference_selectable():
     assert NormLSTM(2, 3).impl == "fused"
     assert NormLSTM(2, 3, impl="reference").impl == "reference"
-    assert set(dispatch.RECURRENCES) == {"fused", "fused_torch", "triton", "reference"}
+    assert set(dispatch.RECURRENCES) == {"fused", "fused_torch", "fused_native", "triton", "cudnn", "reference"}
 
 
 def test_input_terms_before_the_loop_when_the_covariance_is_dear(impl):
@@ -324,3 +328,91 @@ def test_synchronized_statistics_run_with_torch_operations():
         assert resolve_backend("auto", cpu, torch.float32, False) == "native"
         with pytest.raises(RuntimeError, match="synchronized across processes"):
             resolve_backend("native", cpu, torch.float32, True)
+
+
+# -- impl="cudnn": torch's own LSTM (rnorm.kernels.cudnn) -------------------------------------------
+# The same comparisons with the reference loop, in float64 on the CPU (torch._VF.lstm runs ATen's
+# loop there), to the same 1e-9: the paths differ in the order of their float64 operations (weight
+# rows folded, one product for all gates), measured at about 1e-15, while a wrong fold or a state
+# taken at the wrong step is off by the order of the values.
+
+#: (input, recurrent, cell): every combination of built-in strategies that is a plain LSTM after
+#: its weight transform in training (docs/performance.md, "Dispatch to torch's LSTM").
+ELIGIBLE = [
+    ("none", "none", "none"),
+    ("wn", "wn", "none"),
+    ("normprop", "normprop", "none"),  # Norm-Prop's row scaling without its cell site
+    ("wn", "normprop", "none"),
+    ("seqbn", "none", "none"),  # sequencewise statistics: one affine map of every step
+    ("seqbn", "wn", "none"),
+]
+
+
+@pytest.mark.parametrize("sites", ELIGIBLE, ids=["/".join(s) for s in ELIGIBLE])
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_cudnn_training_matches_reference(sites, padded, bidirectional, monkeypatch):
+    calls = []
+    real = kernels.cudnn.lstm_layer
+    monkeypatch.setattr(kernels.cudnn, "lstm_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # A bidirectional second layer's input (2H features) is wider than H, where seqbn's input terms
+    # are computed before the loop, which torch's LSTM cannot take: one layer there.
+    layers = 1 if bidirectional and sites[0] == "seqbn" else 2
+    reference, model = _pair(sites, "cudnn", input_size=3, hidden_size=5, num_layers=layers, bidirectional=bidirectional)
+    x = torch.randn(6, 7, 3, dtype=torch.float64)
+    lengths = torch.tensor([7, 3, 7, 5, 2, 6]) if padded else None
+    _assert_same(_run(reference, x, lengths, False), _run(model, x, lengths, False))
+    assert len(calls) == layers * model.num_directions  # every layer direction went through torch's LSTM
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+def test_cudnn_evaluation_with_population_statistics_matches_reference(padded):
+    """seqbn in evaluation is one affine map of every step (its population statistics)."""
+    reference, model = _pair(("seqbn", "wn", "none"), "cudnn", input_size=3, hidden_size=5, bidirectional=True)
+    for m in (reference, model):
+        with torch.no_grad():
+            m(torch.randn(6, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+        m.eval()
+    x = torch.randn(6, 8, 3, dtype=torch.float64)
+    lengths = torch.tensor([8, 3, 7, 5, 2, 6]) if padded else None
+    _assert_same(_run(reference, x, lengths, False), _run(model, x, lengths, False))
+
+
+def test_hidden_probe_runs_the_reference_loop():
+    """The hidden probe (gradient-flow analysis) is a diagnostic, not a change of the model: with
+    impl='cudnn' it runs the reference loop, as with impl='fused'."""
+    reference, model = _pair(("wn", "wn", "none"), "cudnn", input_size=3, hidden_size=5)
+    x = torch.randn(4, 6, 3, dtype=torch.float64)
+    _assert_same(_run(reference, x, None, True), _run(model, x, None, True))
+
+
+class _Doubling(norms.Normalizer):
+    """A strategy with a ``step`` and no fused form, like a plugin that implements only ``step``."""
+
+    def step(self, x, t, mask=None):
+        return 2.0 * x
+
+
+REFUSED = [
+    (("bn", "bn", "bn"), True, "the input site is of kind 'batch'"),
+    (("ln", "ln", "ln"), True, "the input site is of kind 'layer'"),
+    (("normprop", "normprop", "normprop"), True, "the cell site is of kind 'affine'"),
+    (("none", "bn", "none"), False, "the recurrent site is an affine map that changes with the step"),
+    (("none", _Doubling, "none"), True, "the recurrent site's strategy _Doubling has no fused form"),
+]
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=["bn", "ln", "normprop cell", "bn in evaluation", "no fused form"])
+def test_cudnn_refuses_what_is_not_a_plain_lstm(case):
+    sites, training, reason = case
+    model = NormLSTM(3, 5, input_norm=sites[0], recurrent_norm=sites[1], cell_norm=sites[2], impl="cudnn").train(training)
+    with pytest.raises(ValueError, match=r"'cudnn': this layer is not a plain LSTM after its weight transform: " + reason):
+        model(torch.randn(4, 6, 3))
+
+
+def test_cudnn_refuses_input_terms_computed_before_the_loop():
+    """seqbn on an input wider than H has its input terms computed first (a (T, B, 4H) tensor), and
+    torch's LSTM takes x and W_x."""
+    model = NormLSTM(7, 3, input_norm="seqbn", recurrent_norm="none", cell_norm="none", impl="cudnn")
+    with pytest.raises(ValueError, match=r"the input terms arrive computed"):
+        model(torch.randn(4, 6, 7))
