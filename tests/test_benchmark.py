@@ -91,3 +91,46 @@ def test_unknown_impl_exits_listing_the_known_ones(rnn_speed, capsys):
         rnn_speed.main([*TINY, "--impl", "fused,cuda"])
     assert exit_info.value.code == 2
     assert "unknown impl ['cuda']; known: cudnn, fused, fused_native, fused_torch, reference, triton" in capsys.readouterr().err
+
+
+DENORMALS = Path(__file__).resolve().parents[1] / "benchmarks" / "denormals.py"
+
+
+@pytest.fixture(scope="module")
+def denormals():
+    spec = importlib.util.spec_from_file_location("denormals", DENORMALS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_denormals_times_each_variant_and_disables_only_the_kernels_flushing(denormals, tmp_path, monkeypatch):
+    import contextlib
+
+    from rnorm.kernels import native
+
+    entered = []
+
+    @contextlib.contextmanager
+    def counting():
+        entered.append(1)
+        yield
+
+    monkeypatch.setattr(native, "denormals_flushed", counting)
+    out = tmp_path / "denormals.json"
+    argv = ["--steps", "4", "--batch", "3", "--hidden", "8", "--repeats", "2", "--warmup", "0", "--norms", "bn"]
+    assert denormals.main([*argv, "--json", str(out)]) == 0
+    times = json.loads(out.read_text())["layers_ms"]["bn"]
+    assert set(times) == {"normlstm_kernels_flush", "normlstm_no_flush", "lstm_last", "lstm_sum", "lstm_last_process_flush"}
+    assert all(value > 0 for value in times.values())
+    # Only the shipped variant's two calls go through the op's flushing, once forward and once
+    # backward each (the disabled variant and nn.LSTM never do), and the patch is undone after.
+    assert len(entered) == 4
+    assert native.denormals_flushed is counting
+
+
+@pytest.mark.parametrize("argv", [["--fit-steps", "40,10"], ["--fit-steps", "10"], ["--repeats", "0"], ["--norms", "nope"]])
+def test_denormals_refuses_bad_options(denormals, argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        denormals.main(argv)
+    assert exit_.value.code == 2 and "error:" in capsys.readouterr().err
