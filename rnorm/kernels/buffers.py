@@ -14,7 +14,7 @@ from torch import Tensor
 from rnorm.kernels.kinds import get_kind
 from rnorm.kernels.schema import RecurrenceArgs, RecurrenceOutputs, Saved, Statistics, absent
 
-__all__ = ["Dims", "SiteBuffers", "allocate_outputs", "site_buffers"]
+__all__ = ["Dims", "SiteBuffers", "allocate_outputs", "saved_layout", "site_buffers", "statistics_layout"]
 
 SITES = ("input", "recurrent", "cell")
 
@@ -47,6 +47,38 @@ def kinds_of(args: RecurrenceArgs) -> dict[str, str]:
     return {"input": args.input_kind, "recurrent": args.recurrent_kind, "cell": args.cell_kind}
 
 
+def saved_layout(dims: Dims, kinds: dict[str, str], masked: bool) -> dict[str, tuple[int, ...] | None]:
+    """The shape of every field of :class:`~rnorm.kernels.schema.Saved` when the forward saves
+    (``None``: absent), for ``dims``, each site's kind and whether there is padding.
+
+    The one definition of the saved buffers' layout: :func:`allocate_outputs` allocates it, and
+    :mod:`rnorm.kernels.validate` checks a backward's buffers against it.
+    """
+    steps, batch, hidden, saved = dims.steps, dims.batch, dims.hidden, dims.saved_steps
+    layout: dict[str, tuple[int, ...] | None] = {
+        "states_h": (steps + 1, batch, hidden) if masked else None,
+        "states_c": (steps + 1, batch, hidden),
+        "act": (saved, batch, dims.gates),
+        "tanh_cell": (saved, batch, hidden),
+        "cell_new": (saved, batch, hidden) if masked else None,
+    }
+    for site, kind in kinds.items():
+        layout.update({f"{site}_{name}": shape for name, shape in _site_layout(kind, dims, site).items()})
+    del layout["cell_raw"]  # the cell's affine scale reads c_t itself
+    return layout
+
+
+def statistics_layout(dims: Dims, kinds: dict[str, str]) -> dict[str, tuple[int, ...] | None]:
+    """The shape of every field of :class:`~rnorm.kernels.schema.Statistics` (``None``: absent):
+    ``(T, 1, F)`` per-step batch mean and variance of the batch-statistics sites."""
+    layout: dict[str, tuple[int, ...] | None] = {}
+    for site, kind in kinds.items():
+        batch_kind = kind != "given" and get_kind(kind).statistics == "batch"
+        shape = (dims.steps, 1, dims.features(site)) if batch_kind else None
+        layout[f"{site}_mean"] = layout[f"{site}_var"] = shape
+    return layout
+
+
 def allocate_outputs(args: RecurrenceArgs) -> tuple[RecurrenceOutputs, Tensor | None]:
     """Uninitialized results of ``rnorm::lstm_recurrence`` for ``args`` (see :class:`~rnorm.kernels.schema.Saved`),
     and, when it saves, the ``(T + 1, B, H)`` buffer of the states ``h_0 … h_T`` the loop writes.
@@ -57,50 +89,40 @@ def allocate_outputs(args: RecurrenceArgs) -> tuple[RecurrenceOutputs, Tensor | 
     """
     dims = Dims.of(args)
     new = args.source.new_empty
-    steps, batch, hidden, saved = dims.steps, dims.batch, dims.hidden, dims.saved_steps
+    steps, batch, hidden = dims.steps, dims.batch, dims.hidden
     masked = args.mask is not None
 
-    def none() -> Tensor:  # a new one each time: an op's results must not alias each other
-        return absent(args.source)
+    def allocate(shape: tuple[int, ...] | None) -> Tensor:  # a new one each time: an op's results must not alias each other
+        return absent(args.source) if shape is None else new(shape)
 
-    statistics: dict[str, Tensor] = {}
-    for site, kind in kinds_of(args).items():
-        batch_kind = kind != "given" and get_kind(kind).statistics == "batch"
-        features = dims.features(site)
-        statistics[f"{site}_mean"] = new(steps, 1, features) if batch_kind else none()
-        statistics[f"{site}_var"] = new(steps, 1, features) if batch_kind else none()
+    statistics = Statistics(**{name: allocate(shape) for name, shape in statistics_layout(dims, kinds_of(args)).items()})
     if not args.save:
-        saved_none = Saved(**{name: none() for name in Saved.__dataclass_fields__})
-        outputs = RecurrenceOutputs(new(steps, batch, hidden), new(batch, hidden), new(batch, hidden), Statistics(**statistics), saved_none)
-        return outputs, None
+        saved_none = Saved(**{name: allocate(None) for name in Saved.__dataclass_fields__})
+        return RecurrenceOutputs(new(steps, batch, hidden), new(batch, hidden), new(batch, hidden), statistics, saved_none), None
     states_h = new(steps + 1, batch, hidden)
     output = new(steps, batch, hidden) if masked else states_h[1:]
-    buffers = {
-        "states_h": states_h if masked else none(),
-        "states_c": new(steps + 1, batch, hidden),
-        "act": new(saved, batch, dims.gates),
-        "tanh_cell": new(saved, batch, hidden),
-        "cell_new": new(saved, batch, hidden) if masked else none(),
-    }
-    for site, kind in kinds_of(args).items():
-        site_buffers_ = _site_allocation(kind, dims, site, new, none)
-        buffers.update({f"{site}_{name}": tensor for name, tensor in site_buffers_.items()})
-    del buffers["cell_raw"]  # the cell's affine scale reads c_t itself
-    outputs = RecurrenceOutputs(output, new(batch, hidden), new(batch, hidden), Statistics(**statistics), Saved(**buffers))
+    layout = saved_layout(dims, kinds_of(args), masked)
+    buffers = {name: states_h if name == "states_h" and masked else allocate(shape) for name, shape in layout.items()}
+    outputs = RecurrenceOutputs(output, new(batch, hidden), new(batch, hidden), statistics, Saved(**buffers))
     return outputs, states_h
+
+
+def _site_layout(kind: str, dims: Dims, site: str) -> dict[str, tuple[int, ...] | None]:
+    """The shapes of ``raw``, ``norm``, ``rstd`` of one site for ``dims.saved_steps`` steps (``None`` where the kind has none)."""
+    features, batch, steps = dims.features(site), dims.batch, dims.saved_steps
+    step_kind = None if kind == "given" else get_kind(kind)
+    layout: dict[str, tuple[int, ...] | None] = {"raw": None, "norm": None, "rstd": None}
+    if step_kind is not None and step_kind.name == "affine":
+        layout["raw"] = (steps, batch, features)
+    elif step_kind is not None and step_kind.normalizing:
+        layout["norm"] = (steps, batch, features)
+        layout["rstd"] = (steps, batch, 1) if step_kind.per_row else (steps, 1, features)
+    return layout
 
 
 def _site_allocation(kind: str, dims: Dims, site: str, new, none) -> dict[str, Tensor]:
     """``raw``, ``norm``, ``rstd`` of one site for ``dims.saved_steps`` steps (``none()`` where the kind has none)."""
-    features, batch, steps = dims.features(site), dims.batch, dims.saved_steps
-    step_kind = None if kind == "given" else get_kind(kind)
-    raw, norm, rstd = none(), none(), none()
-    if step_kind is not None and step_kind.name == "affine":
-        raw = new(steps, batch, features)
-    elif step_kind is not None and step_kind.normalizing:
-        norm = new(steps, batch, features)
-        rstd = new(steps, batch, 1) if step_kind.per_row else new(steps, 1, features)
-    return {"raw": raw, "norm": norm, "rstd": rstd}
+    return {name: none() if shape is None else new(*shape) for name, shape in _site_layout(kind, dims, site).items()}
 
 
 @dataclass

@@ -44,6 +44,7 @@ from rnorm.kernels.schema import (
     present,
     to_flat,
 )
+from rnorm.kernels.validate import check_backward, check_forward
 
 __all__ = ["BACKENDS", "choose_backend", "lstm_recurrence", "resolve_backend"]
 
@@ -155,6 +156,7 @@ def _forward(args: RecurrenceArgs, device_backend: str) -> RecurrenceOutputs:
 
 def _forward_cpu(*flat: object) -> tuple[Tensor, ...]:
     args = from_flat(RecurrenceArgs, flat)
+    check_forward(args)
     chosen = _chosen(args)
     with torch.no_grad(), _no_autocast(args.source), native.denormals_flushed():
         return tuple(to_flat(_forward(args, chosen)))
@@ -162,6 +164,7 @@ def _forward_cpu(*flat: object) -> tuple[Tensor, ...]:
 
 def _forward_cuda(*flat: object) -> tuple[Tensor, ...]:
     args = from_flat(RecurrenceArgs, flat)
+    check_forward(args)
     chosen = _chosen(args)
     with torch.no_grad(), _no_autocast(args.source):
         return tuple(to_flat(_forward(args, chosen)))
@@ -169,6 +172,7 @@ def _forward_cuda(*flat: object) -> tuple[Tensor, ...]:
 
 def _forward_any(*flat: object) -> tuple[Tensor, ...]:
     args = from_flat(RecurrenceArgs, flat)
+    check_forward(args)
     resolve_backend(args.backend, args.source.device, args.source.dtype, args.synchronized)  # checks the name
     with torch.no_grad(), _no_autocast(args.source):
         return tuple(to_flat(torch_loop.forward(args)))
@@ -196,6 +200,7 @@ def _backward_with(args: BackwardArgs, chosen: str, reuse: bool) -> Gradients:
 def _backward_impl(reuse: bool):
     def cpu(*flat: object) -> tuple[Tensor, ...]:
         args = from_flat(BackwardArgs, flat)
+        check_backward(args)
         with torch.no_grad(), _no_autocast(args.source), native.denormals_flushed():
             return tuple(to_flat(_backward_with(args, _chosen(args), reuse)))
 
@@ -204,12 +209,14 @@ def _backward_impl(reuse: bool):
 
 def _backward_cuda(*flat: object) -> tuple[Tensor, ...]:
     args = from_flat(BackwardArgs, flat)
+    check_backward(args)
     with torch.no_grad(), _no_autocast(args.source):
         return tuple(to_flat(_backward_with(args, _chosen(args), reuse=False)))
 
 
 def _backward_any(*flat: object) -> tuple[Tensor, ...]:
     args = from_flat(BackwardArgs, flat)
+    check_backward(args)
     with torch.no_grad(), _no_autocast(args.source):
         return tuple(to_flat(torch_loop.backward(args)))
 
