@@ -1,5 +1,6 @@
 """benchmarks/rnn_speed.py: the JSON it writes and its errors, on tiny shapes."""
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -8,17 +9,23 @@ from pathlib import Path
 import pytest
 
 from rnorm import norms
+from rnorm.kernels import native
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "rnn_speed.py"
 TINY = ["--steps-scale", "0.02", "--batch-scale", "0.125", "--repeats", "2", "--warmup", "1", "--shapes", "ptb"]
 
 
-@pytest.fixture(scope="module")
-def rnn_speed():
-    spec = importlib.util.spec_from_file_location("rnn_speed", SCRIPT)
+def _load_script(path: Path):
+    """A benchmark script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def rnn_speed():
+    return _load_script(SCRIPT)
 
 
 def test_writes_a_row_per_norm_and_mode_with_consistent_ratios(rnn_speed, tmp_path, capsys):
@@ -98,17 +105,10 @@ DENORMALS = Path(__file__).resolve().parents[1] / "benchmarks" / "denormals.py"
 
 @pytest.fixture(scope="module")
 def denormals():
-    spec = importlib.util.spec_from_file_location("denormals", DENORMALS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_script(DENORMALS)
 
 
 def test_denormals_times_each_variant_and_disables_only_the_kernels_flushing(denormals, tmp_path, monkeypatch):
-    import contextlib
-
-    from rnorm.kernels import native
-
     entered = []
 
     @contextlib.contextmanager

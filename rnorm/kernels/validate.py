@@ -61,17 +61,26 @@ def _kinds(op: str, args: RecurrenceArgs | BackwardArgs) -> dict[str, str]:
     return kinds
 
 
-def _site_scale(op: str, site: str, kind: str, scale: Tensor | None, steps: int, features: int) -> None:
-    """A site's scale: none for identity (and given input terms), ``(1 or T, F)`` affine, γ ``(F,)`` normalizing."""
-    name = f"{site}_scale (the {site} site's scale)"
+def _site_parameter(op: str, name: str, kind: str, tensor: Tensor | None, steps: int, features: int, *, optional: bool = False) -> None:
+    """A site's scale or shift: none for identity (and given input terms), ``(1 or T, F)`` affine,
+    ``(F,)`` (γ, β) normalizing."""
     if kind in ("given", "identity"):
-        if present(scale):
-            raise _fail(op, name, f"to be absent for kind {kind!r}", scale)
+        if present(tensor):
+            raise _fail(op, name, f"to be absent for kind {kind!r}", tensor)
         return
-    if get_kind(kind).name == "affine":
-        _shape(op, name, scale, [(1, features), (steps, features)])
-    else:
-        _shape(op, name, scale, [(features,)])
+    shapes = [(1, features), (steps, features)] if get_kind(kind).name == "affine" else [(features,)]
+    _shape(op, name, tensor, shapes, optional=optional)
+
+
+def _like_source(op: str, source: Tensor, named: Iterable[tuple[str, Tensor | None]], *, dtype: bool = True) -> None:
+    """Each tensor on ``source``'s device and, where ``dtype``, of its dtype."""
+    for name, tensor in named:
+        if tensor is None:
+            continue
+        if dtype and tensor.dtype != source.dtype:
+            raise _fail(op, name, f"of source's dtype {source.dtype}", tensor)
+        if tensor.device != source.device:
+            raise _fail(op, name, f"on source's device {source.device}", tensor)
 
 
 def _common(op: str, args: RecurrenceArgs | BackwardArgs) -> tuple[Dims, dict[str, str]]:
@@ -91,9 +100,8 @@ def _common(op: str, args: RecurrenceArgs | BackwardArgs) -> tuple[Dims, dict[st
             raise _fail(op, "input_weight", "None when the input terms are given", args.input_weight)
     else:
         _shape(op, "input_weight", args.input_weight, [(gates, source.shape[2])])
-    _site_scale(op, "input", kinds["input"], args.input_scale, steps, gates)
-    _site_scale(op, "recurrent", kinds["recurrent"], args.recurrent_scale, steps, gates)
-    _site_scale(op, "cell", kinds["cell"], args.cell_scale, steps, hidden)
+    for site, scale, features in (("input", args.input_scale, gates), ("recurrent", args.recurrent_scale, gates), ("cell", args.cell_scale, hidden)):
+        _site_parameter(op, f"{site}_scale (the {site} site's scale)", kinds[site], scale, steps, features)
     _shape(op, "h0", args.h0, [(batch, hidden)])
     if args.mask is not None:
         _shape(op, "mask", args.mask, [(steps, batch)])
@@ -104,12 +112,9 @@ def _common(op: str, args: RecurrenceArgs | BackwardArgs) -> tuple[Dims, dict[st
     _shape(op, "hidden_scale", args.hidden_scale, [(1,), (hidden,)], optional=True)
     floating = [("input_weight", args.input_weight), ("recurrent_weight", weight), ("input_scale", args.input_scale)]
     floating += [("recurrent_scale", args.recurrent_scale), ("cell_scale", args.cell_scale), ("h0", args.h0)]
-    for name, tensor in floating:
-        if tensor is not None and tensor.dtype != source.dtype:
-            raise _fail(op, name, f"of source's dtype {source.dtype}", tensor)
-    for name, tensor in [*floating, ("mask", args.mask), ("weights", args.weights), ("counts", args.counts), ("hidden_scale", args.hidden_scale)]:
-        if tensor is not None and tensor.device != source.device:
-            raise _fail(op, name, f"on source's device {source.device}", tensor)
+    _like_source(op, source, floating)
+    other = [("mask", args.mask), ("weights", args.weights), ("counts", args.counts), ("hidden_scale", args.hidden_scale)]
+    _like_source(op, source, other, dtype=False)
     return dims, kinds
 
 
@@ -120,14 +125,8 @@ def check_forward(args: RecurrenceArgs) -> None:
     steps, hidden = dims.steps, dims.hidden
     _shape(op, "shift", args.shift, [(1, dims.gates), (steps, dims.gates)], optional=True)
     _shape(op, "c0", args.c0, [(dims.batch, hidden)])
-    if kinds["cell"] not in ("identity",):
-        cell_shift_shapes = [(1, hidden), (steps, hidden)] if kinds["cell"] == "affine" else [(hidden,)]
-        _shape(op, "cell_shift", args.cell_shift, cell_shift_shapes, optional=True)
-    elif present(args.cell_shift):
-        raise _fail(op, "cell_shift", "to be absent for kind 'identity'", args.cell_shift)
-    for name, tensor in (("shift", args.shift), ("c0", args.c0), ("cell_shift", args.cell_shift)):
-        if tensor is not None and (tensor.dtype != args.source.dtype or tensor.device != args.source.device):
-            raise _fail(op, name, f"{args.source.dtype} on {args.source.device}", tensor)
+    _site_parameter(op, "cell_shift", kinds["cell"], args.cell_shift, steps, hidden, optional=True)
+    _like_source(op, args.source, [("shift", args.shift), ("c0", args.c0), ("cell_shift", args.cell_shift)])
     if len(args.eps) != 3:
         raise ValueError(f"{op}: expected eps of the input, recurrent and cell sites (3 values), but got {args.eps}.")
 
@@ -152,9 +151,8 @@ def check_backward(args: BackwardArgs) -> None:
                 raise _fail(op, label, "to be absent for these kinds and this padding", tensor)
             continue
         _shape(op, label, tensor, [expected])
-        if tensor.dtype != args.source.dtype or tensor.device != args.source.device or not tensor.is_contiguous():
-            raise _fail(op, label, f"contiguous, {args.source.dtype} on {args.source.device}", tensor)
-    for name, tensor in (("grad_output", args.grad_output), ("grad_h_n", args.grad_h_n), ("grad_c_n", args.grad_c_n), ("output", args.output)):
-        if tensor.dtype != args.source.dtype or tensor.device != args.source.device:
-            raise _fail(op, name, f"{args.source.dtype} on {args.source.device}", tensor)
+        _like_source(op, args.source, [(label, tensor)])
+        if not tensor.is_contiguous():
+            raise _fail(op, label, "contiguous", tensor)
+    _like_source(op, args.source, [("grad_output", args.grad_output), ("grad_h_n", args.grad_h_n), ("grad_c_n", args.grad_c_n), ("output", args.output)])
 
