@@ -31,7 +31,7 @@ from rnorm.kernels.op import BACKENDS, lstm_recurrence, resolve_backend
 from rnorm.kernels.precision import autocast_dtype, products_precision
 from rnorm.kernels.prepare import prepare
 from rnorm.kernels.schema import present
-from rnorm.kernels.spec import LayerResult, LayerSpec, SiteSpec, SiteStatistics
+from rnorm.kernels.spec import LayerResult, LayerSpec, SiteSpec, SiteStatistics, mixed_synchronization
 
 __all__ = [
     "BACKENDS",
@@ -47,6 +47,7 @@ __all__ = [
     "get_kind",
     "log_path",
     "lstm_layer",
+    "mixed_synchronization",
     "native",
     "resolve_backend",
 ]

@@ -7,13 +7,23 @@ strategies: a site is a step kind (:data:`~rnorm.kernels.STEP_KINDS`) and its te
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from torch import Tensor
 
 from rnorm.kernels.kinds import get_kind
 
-__all__ = ["LayerResult", "LayerSpec", "SiteSpec", "SiteStatistics"]
+__all__ = ["LayerResult", "LayerSpec", "SiteSpec", "SiteStatistics", "mixed_synchronization"]
+
+
+class FusedStepLike(Protocol):
+    """What :func:`mixed_synchronization` reads of a site: a :class:`SiteSpec`, or a strategy's
+    ``FusedStep`` before it becomes one."""
+
+    kind: str
+    synchronized: bool
 
 
 @dataclass(frozen=True)
@@ -25,8 +35,9 @@ class SiteSpec:
         scale: ``affine``: ``(S, F)`` with ``S`` 1 (every step) or ``T``; normalizing kinds: γ ``(F,)``.
         shift: likewise, or ``None``: ``affine``'s additive ``(S, F)``, a normalizing kind's β ``(F,)``.
         eps: added to the variance (normalizing kinds).
-        synchronized: ``batch`` and ``sequence``: statistics of the global batch of every process of
-            the default process group (data parallelism).
+        synchronized: ``batch`` only: statistics of the global batch of every process of the default
+            process group (data parallelism). The kernels all-reduce every batch site of a layer or
+            none (:func:`mixed_synchronization`).
     """
 
     kind: str
@@ -40,6 +51,8 @@ class SiteSpec:
         kind = get_kind(self.kind)
         if site not in kind.sites:
             raise ValueError(f"The {site} site cannot be of kind {self.kind!r}: it may be one of {sorted(kind.sites)}.")
+        if self.synchronized and kind.name != "batch":
+            raise ValueError(f"The {site} site is of kind {self.kind!r}: only 'batch' statistics can be synchronized across processes.")
         if kind.name == "identity":
             if self.scale is not None or self.shift is not None:
                 raise ValueError(f"The {site} site is of kind 'identity' but was given a scale or shift.")
@@ -58,6 +71,14 @@ class SiteSpec:
                 raise ValueError(f"Expected the {site} site's {name} of shape ({features},), but got {tuple(tensor.shape)}.")
         if not self.eps > 0:
             raise ValueError(f"Expected the {site} site's eps > 0 for kind {self.kind!r}, but got {self.eps}.")
+
+
+def mixed_synchronization(sites: Iterable[SiteSpec | FusedStepLike | None]) -> bool:
+    """Whether some ``batch`` sites among ``sites`` are synchronized across processes and others are
+    not, which one layer cannot run: each step's batch means use one set of weights (over the local
+    or the global batch) for every site."""
+    flags = {site.synchronized for site in sites if site is not None and site.kind == "batch"}
+    return len(flags) > 1
 
 
 @dataclass(frozen=True)
@@ -115,6 +136,8 @@ class LayerSpec:
                 raise ValueError(f"Expected {name} of shape ({batch}, {hidden}), but got {tuple(state.shape)}.")
         if mask is not None and (tuple(mask.shape) != (steps, batch) or mask.dtype.is_floating_point):
             raise ValueError(f"Expected a boolean mask of shape ({steps}, {batch}), but got {mask.dtype} {tuple(mask.shape)}.")
+        if mixed_synchronization((self.input, self.recurrent, self.cell)):
+            raise ValueError("Batch statistics synchronized across processes on some sites but not others: the kernels all-reduce every batch site of a layer or none.")
         if self.input is not None:
             self.input.check("input", gates)
         self.recurrent.check("recurrent", gates)

@@ -26,7 +26,7 @@ from functools import partial
 
 from torch import Tensor
 
-from rnorm.kernels import LayerSpec, Path, SiteSpec, log_path, lstm_layer
+from rnorm.kernels import LayerSpec, Path, SiteSpec, log_path, lstm_layer, mixed_synchronization
 from rnorm.nn.cell import NormLSTMCell
 from rnorm.nn.recurrence import reference_recurrence
 from rnorm.norms.base import FusedStep
@@ -102,8 +102,7 @@ def fused_layer(
         site, norm = ("recurrent", cell.recurrent_norm) if rec is None else ("cell", cell.cell_norm)
         reason = f"the {site} site's strategy {type(norm).__name__} has no fused form"
         return _reference(cell, x, h0, c0, mask, reason, backend=backend)
-    batch_sites = [step.synchronized for step in (inp, rec, cel) if step is not None and step.kind == "batch"]
-    if any(batch_sites) and not all(batch_sites):  # one set of step weights per layer
+    if mixed_synchronization((inp, rec, cel)):
         reason = "batch statistics synchronized across processes on some sites but not others"
         return _reference(cell, x, h0, c0, mask, reason, backend=backend)
     if inp is None or (inp.kind == "sequence" and x.shape[2] > cell.hidden_size):

@@ -8,6 +8,8 @@ reference loop in tests/nn/test_fused.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -100,6 +102,20 @@ def test_descriptions_that_cannot_run_are_refused_with_what_was_expected():
         kernels.lstm_layer(spec, x.float(), h.float(), h.float())
     with pytest.raises(ValueError, match="Available: auto, native, torch"):
         kernels.lstm_layer(spec, x, h, h, backend="gpu")
+
+
+
+def test_synchronization_the_kernels_cannot_run_is_refused():
+    """The kernels all-reduce every batch site of a layer or none, and only batch statistics: a
+    description asking for anything else is refused rather than run with other statistics."""
+    spec = _spec("batch", "batch", "batch")
+    x, h = torch.randn(T, B, D, dtype=torch.float64), torch.zeros(B, H, dtype=torch.float64)
+    synced = dataclasses.replace(spec.recurrent, synchronized=True)
+    with pytest.raises(ValueError, match="synchronized across processes on some sites but not others"):
+        kernels.lstm_layer(dataclasses.replace(spec, recurrent=synced), x, h, h)
+    layer = kernels.SiteSpec("layer", scale=torch.ones(H, dtype=torch.float64), eps=1e-5, synchronized=True)
+    with pytest.raises(ValueError, match="cell site is of kind 'layer': only 'batch' statistics can be synchronized"):
+        kernels.lstm_layer(dataclasses.replace(spec, cell=layer), x, h, h)
 
 
 def test_step_kinds_come_from_one_table():
