@@ -25,8 +25,6 @@ class GradBuffers:
     β's gradients, and the batch means of eq. 13); ``accumulated``: what an implementation summed in
     its loop for a scale's gradient (row kinds: ``Σ dy x̂`` ``(F,)``; affine input and recurrent
     sites: ``Σ_b dy u`` per step ``(T, F)``) where it overwrote the buffers that sum would read.
-    ``chat_factor``: the scalar on ``∂loss/∂ĉ`` (½ for a cell site, which works on 2ĉ, times
-    Norm-Prop's scale on ``h``), and ``scale_chat`` whether it is not 1.
     """
 
     grad_z: Tensor
@@ -36,8 +34,6 @@ class GradBuffers:
     input_sums: tuple[Tensor, Tensor] | None
     recurrent_sums: tuple[Tensor, Tensor] | None
     cell_sums: tuple[Tensor, Tensor] | None
-    chat_factor: Tensor | float
-    scale_chat: bool
     accumulated: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -85,10 +81,6 @@ def allocate_grad_buffers(args: BackwardArgs, *, in_loop: bool, reuse: bool = Fa
     def sums(kind, features: int):
         return (new(num_steps, 1, features), new(num_steps, 1, features)) if kind is not None and kind.statistics == "batch" else None
 
-    chat_factor = 1.0 if cell_kind.name == "identity" else 0.5  # the cell site works on 2ĉ (eq. 3)
-    hidden_scale = args.hidden_scale
-    if hidden_scale is not None:
-        chat_factor = hidden_scale * chat_factor
     return GradBuffers(
         grad_z=grad_z,
         grad_r=grad_r,
@@ -97,16 +89,15 @@ def allocate_grad_buffers(args: BackwardArgs, *, in_loop: bool, reuse: bool = Fa
         input_sums=sums(input_kind, gates),
         recurrent_sums=sums(rec_kind, gates),
         cell_sums=sums(cell_kind, hidden),
-        chat_factor=chat_factor,
-        scale_chat=hidden_scale is not None or chat_factor != 1.0,
         accumulated=accumulated,
     )
 
 
-def finish(args: BackwardArgs, buffers: GradBuffers, dh: Tensor, dc: Tensor, cell_new: Tensor) -> Gradients:
+def finish(args: BackwardArgs, buffers: GradBuffers, dh: Tensor, dc: Tensor) -> Gradients:
     """After the loop: ``dh``, ``dc`` are the gradients of ``h0``, ``c0``; the weights', scales' and
     shifts' gradients are large operations over every step at once (eq. 17–20)."""
     saved = args.saved
+    cell_new = saved.cell_new if present(saved.cell_new) else saved.states_c[1:]  # c_t before padding carries
     grad_z, grad_r, grad_chat = buffers.grad_z, buffers.grad_r, buffers.grad_chat
     num_steps, _, gates = grad_z.shape
     samples = args.counts.to(grad_z.dtype).view(-1, 1, 1)  # (T, 1, 1): batch sums are means times counts

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from rnorm.kernels.kinds import get_kind
-from rnorm.kernels.schema import RecurrenceArgs, RecurrenceOutputs, Saved, Statistics, absent
+from rnorm.kernels.schema import BackwardArgs, RecurrenceArgs, RecurrenceOutputs, Saved, Statistics, absent
 
 __all__ = ["Dims", "SiteBuffers", "allocate_outputs", "saved_layout", "site_buffers", "statistics_layout"]
 
@@ -42,7 +42,7 @@ class Dims:
         return self.hidden if site == "cell" else self.gates
 
 
-def kinds_of(args: RecurrenceArgs) -> dict[str, str]:
+def kinds_of(args: RecurrenceArgs | BackwardArgs) -> dict[str, str]:
     """Each site's kind, ``"given"`` input included."""
     return {"input": args.input_kind, "recurrent": args.recurrent_kind, "cell": args.cell_kind}
 

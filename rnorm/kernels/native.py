@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from rnorm.kernels.backward import allocate_grad_buffers, finish
-from rnorm.kernels.buffers import SITES, Dims, allocate_outputs, site_buffers
+from rnorm.kernels.buffers import SITES, Dims, allocate_outputs, kinds_of, site_buffers
 from rnorm.kernels.kinds import get_kind
 from rnorm.kernels.schema import BackwardArgs, Gradients, RecurrenceArgs, RecurrenceOutputs, present
 
@@ -371,7 +371,7 @@ def backward(args: BackwardArgs, *, reuse: bool) -> Gradients:
         grad_chat=grads.grad_chat,
         grad_z=grads.grad_z,
     )
-    kinds = {"input": args.input_kind, "recurrent": args.recurrent_kind, "cell": args.cell_kind}
+    kinds = kinds_of(args)
     site_grads = {"input": grads.grad_u, "recurrent": None if args.recurrent_kind == "identity" else grads.grad_r, "cell": None}
     for site, kind in kinds.items():
         features = hidden if site == "cell" else gates
@@ -398,5 +398,4 @@ def backward(args: BackwardArgs, *, reuse: bool) -> Gradients:
             recurrent.add_to(grad_r[t], dh)
         else:
             recurrent.write(grad_r[t], dh)
-    cell_new = saved.cell_new if present(saved.cell_new) else saved.states_c[1:]
-    return finish(args, grads, dh, dc, cell_new)
+    return finish(args, grads, dh, dc)

@@ -255,8 +255,10 @@ def _batch_means(items: list[tuple], w: Tensor, synchronized: bool) -> list[tupl
     local = []
     for dy, xhat, sums in items:
         local += [torch.mm(w, dy, out=sums[0]), torch.mm(w, dy * xhat, out=sums[1])]
-    if synchronized:
-        local = _all_reduce_rows([row.clone() for row in local], synchronized)
+    if synchronized:  # one message; a copy, since sums keep this process's shares
+        packed = torch.cat(local)
+        dist.all_reduce(packed)
+        local = list(packed.split(1))
     return list(zip(local[0::2], local[1::2]))
 
 
@@ -289,14 +291,19 @@ def backward(args: BackwardArgs) -> Gradients:
     weights = args.weights.unsqueeze(1)  # (T or 1, 1, B)
     per_step_weights = weights.shape[0] > 1
     sync = args.synchronized
-    cell_new = saved.cell_new if present(saved.cell_new) else states_c[1:]
     in_site = _BackSite(args.input_kind, saved.input_norm, saved.input_rstd, args.input_scale, buffers.input_sums, gates, act, sync)
     rec_site = _BackSite(args.recurrent_kind, saved.recurrent_norm, saved.recurrent_rstd, args.recurrent_scale, buffers.recurrent_sums, gates, act, sync)
     cell_site = _BackSite(args.cell_kind, saved.cell_norm, saved.cell_rstd, args.cell_scale, buffers.cell_sums, hidden, act, sync)
     input_kind, rec_kind, cell_kind = args.input_kind, args.recurrent_kind, args.cell_kind
     paired = sync and input_kind == rec_kind == "batch"  # as in forward
     hidden_scale = args.hidden_scale
-    chat_factor, scale_chat = buffers.chat_factor, buffers.scale_chat
+    # The scalar on ∂loss/∂ĉ: ½ for a cell site, which works on 2ĉ (eq. 3), times Norm-Prop's scale on h.
+    chat_factor = 1.0 if cell_kind == "identity" else 0.5
+    if hidden_scale is not None:
+        chat_factor = hidden_scale * chat_factor
+    scale_chat = hidden_scale is not None or chat_factor != 1.0
+    # Scratch for a normalizing cell site's derivative: each step's result is added into a new tensor.
+    cell_scratch = act.new_empty(batch_size, hidden) if get_kind(cell_kind).normalizing else None
     grad_z, grad_r, grad_u, grad_chat = buffers.grad_z, buffers.grad_r, buffers.grad_u, buffers.grad_chat
     rec_weight = args.recurrent_weight
 
@@ -326,7 +333,7 @@ def backward(args: BackwardArgs) -> Gradients:
         elif cell_kind == "affine":
             d_cell = d_chat * _row(args.cell_scale, t)
         else:
-            d_cell = _normalization_backward(cell_site, d_chat, t, w, step_mask, torch.empty_like(d_chat))
+            d_cell = _normalization_backward(cell_site, d_chat, t, w, step_mask, cell_scratch)
         dc_total = dc_new + d_cell
         # -- through the gates (z-space: the g block's ∂tanh(z/2)/∂z = (1 - g²)/2; eq. 15) -------------
         torch.addcmul(a, a, a, value=-1.0, out=deriv)  # σ'(z) = σ (1 - σ) for i, f, o
@@ -335,10 +342,11 @@ def backward(args: BackwardArgs) -> Gradients:
         deriv[:, hidden : 2 * hidden].mul_(states_c[t])
         deriv[:, g_block].mul_(i)
         deriv[:, 3 * hidden :].mul_(tc)
+        if hidden_scale is not None:  # h = κ o tanh(ĉ): κ on the output gate's derivative too
+            deriv[:, 3 * hidden :].mul_(hidden_scale)
         dz = grad_z[t]
         torch.mul(dc_total.unsqueeze(1), deriv[:, : 3 * hidden].view(batch_size, 3, hidden), out=dz[:, : 3 * hidden].view(batch_size, 3, hidden))
-        dh_out = dh_new if hidden_scale is None else dh_new * hidden_scale
-        torch.mul(dh_out, deriv[:, 3 * hidden :], out=dz[:, 3 * hidden :])
+        torch.mul(dh_new, deriv[:, 3 * hidden :], out=dz[:, 3 * hidden :])
         dc = torch.mul(dc_total, f) if carry_c is None else torch.addcmul(carry_c, dc_total, f)
         # -- through the input site (its weight's gradient comes after the loop) -------------------
         if paired:  # both sites' means in one all-reduce; the recurrent GEMM below reads grad_r[t]
@@ -359,4 +367,4 @@ def backward(args: BackwardArgs) -> Gradients:
         else:
             dr = _normalization_backward(rec_site, dz, t, w, step_mask, grad_r[t])
         dh = torch.mm(dr, rec_weight) if carry_h is None else torch.addmm(carry_h, dr, rec_weight)
-    return finish(args, buffers, dh, dc, cell_new)
+    return finish(args, buffers, dh, dc)

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from rnorm.kernels.buffers import Dims, saved_layout
+from rnorm.kernels.buffers import Dims, kinds_of, saved_layout
 from rnorm.kernels.kinds import get_kind
 from rnorm.kernels.schema import BackwardArgs, RecurrenceArgs, present
 
@@ -48,7 +48,7 @@ def _shape(op: str, name: str, tensor: Tensor | None, shapes: Iterable[Shape], *
 
 
 def _kinds(op: str, args: RecurrenceArgs | BackwardArgs) -> dict[str, str]:
-    kinds = {"input": args.input_kind, "recurrent": args.recurrent_kind, "cell": args.cell_kind}
+    kinds = kinds_of(args)
     for site, kind in kinds.items():
         if site == "input" and kind == "given":
             continue

@@ -389,8 +389,7 @@ def backward(args: BackwardArgs) -> Gradients:
     grad_h0 = matmul(ws["dr_op"][0], ws["w_op"], out=args.h0.new_empty(plan.batch, plan.hidden), add=ws["dh_carry"])
     grad_c0 = ws["dc"].clone()
     _input_backward(args, plan, ws["table"])
-    cell_new = saved.cell_new if present(saved.cell_new) else saved.states_c[1:]
-    return finish(args, grads, grad_h0, grad_c0, cell_new)
+    return finish(args, grads, grad_h0, grad_c0)
 
 
 def _check_mode() -> None:
