@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 
 KERNELS_FILE = Path(__file__).resolve().parent.parent / "rnorm" / "kernels" / "triton" / "kernels.py"
-#: name -> (T, B, D, H), as benchmarks/rnn_speed.py's, with T cut short (the kernels do not depend on T).
 #: Shared memory one block may use on a Hopper GPU (227 KiB).
 SHARED_LIMIT = 227 * 1024
+#: name -> (T, B, D, H), as benchmarks/rnn_speed.py's, with T cut short (the kernels do not depend on T).
 SHAPES = {"pmnist": (3, 64, 1, 100), "ptb": (3, 64, 50, 1000), "text8": (3, 128, 27, 2000)}
 
 
@@ -62,7 +62,6 @@ def record(norms: list[str], shapes: list[str]) -> list[dict]:
     import torch
     import triton.language as tl
 
-    from rnorm import norms as registry
     from rnorm.kernels.triton import kernels as k
     from rnorm.kernels.triton import loops
     from rnorm.nn import NormLSTM
@@ -117,7 +116,6 @@ def record(norms: list[str], shapes: list[str]) -> list[dict]:
                             model(x)
     finally:
         loops._check_mode = real_check
-    del registry
     return list(launches.values())
 
 

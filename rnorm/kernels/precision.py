@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PRECISIONS", "autocast_dtype", "products_precision"]
+__all__ = ["HALF_DTYPES", "PRECISIONS", "autocast_dtype", "products_precision"]
 
-PRECISIONS = ("ieee", "tf32", "bf16", "fp16")
+#: The half precisions by name.
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("ieee", "tf32", *HALF_DTYPES)
 
-_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_NAMES = {dtype: name for name, dtype in HALF_DTYPES.items()}
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from rnorm.kernels.buffers import Dims, kinds_of, saved_layout
 from rnorm.kernels.kinds import get_kind
+from rnorm.kernels.precision import PRECISIONS
 from rnorm.kernels.schema import BackwardArgs, RecurrenceArgs, present
 
 __all__ = ["check_backward", "check_forward"]
@@ -127,6 +128,8 @@ def check_forward(args: RecurrenceArgs) -> None:
     _shape(op, "c0", args.c0, [(dims.batch, hidden)])
     _site_parameter(op, "cell_shift", kinds["cell"], args.cell_shift, steps, hidden, optional=True)
     _like_source(op, args.source, [("shift", args.shift), ("c0", args.c0), ("cell_shift", args.cell_shift)])
+    if args.precision not in PRECISIONS:
+        raise ValueError(f"{op}: expected precision one of {', '.join(PRECISIONS)}, but got {args.precision!r}.")
     if len(args.eps) != 3:
         raise ValueError(f"{op}: expected eps of the input, recurrent and cell sites (3 values), but got {args.eps}.")
 

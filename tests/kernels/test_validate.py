@@ -94,6 +94,8 @@ def test_the_forward_refuses_a_weight_of_another_dtype_and_a_float_mask(backend)
         _forward(dataclasses.replace(args, recurrent_weight=args.recurrent_weight.float()))
     with pytest.raises(ValueError, match="expected mask boolean"):
         _forward(dataclasses.replace(args, mask=args.mask.double()))
+    with pytest.raises(ValueError, match="expected precision one of ieee, tf32, bf16, fp16, but got 'fp8'"):
+        _forward(dataclasses.replace(args, precision="fp8"))
 
 
 def _backward_args(args: RecurrenceArgs, outputs: RecurrenceOutputs) -> BackwardArgs:

@@ -26,11 +26,11 @@ import triton.language as tl
 from torch import Tensor
 
 from rnorm.kernels.backward import allocate_grad_buffers, finish
-from rnorm.kernels.buffers import SITES, allocate_outputs, site_buffers
+from rnorm.kernels.buffers import allocate_outputs, site_buffers
 from rnorm.kernels.schema import BackwardArgs, Gradients, RecurrenceArgs, RecurrenceOutputs, present
 from rnorm.kernels.triton import kernels as k
 from rnorm.kernels.triton.graphs import GRAPHS, Program, stream_key
-from rnorm.kernels.triton.plan import BackwardPlan, ForwardPlan, pow2
+from rnorm.kernels.triton.plan import BackwardPlan, ForwardPlan, columns_per_program, pow2
 from rnorm.kernels.triton.products import matmul, to_operand
 
 __all__ = ["INTERPRET", "backward", "forward"]
@@ -42,7 +42,7 @@ INTERPRET = type(k.forward_step).__name__ == "InterpretedFunction"
 _DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 #: Rows per program and features per chunk of the row kernels; columns per program of the batch kernels.
-_ROWS, _FEATURES, _TILE = 8, 256, 2048
+_ROWS, _FEATURES = 8, 256
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -68,7 +68,7 @@ def _row_launch(plan: ForwardPlan | BackwardPlan, rows: int, features: int) -> t
 def _column_block(batch: int, features: int) -> tuple[int, int]:
     """``(BB, BC)`` of the whole-batch column kernels."""
     block_batch = pow2(batch)
-    return block_batch, max(1, min(64, pow2(features), _TILE // block_batch))
+    return block_batch, columns_per_program(block_batch, features)
 
 
 def _step_constants(plan: ForwardPlan | BackwardPlan) -> dict:
@@ -209,8 +209,8 @@ def _forward_buffers(args: RecurrenceArgs, plan: ForwardPlan, outputs: Recurrenc
     B, H = plan.batch, plan.hidden
     new = args.source.new_empty
     saved = outputs.saved
-    sites = {site: site_buffers(args, outputs, site, scratch=not args.save) for site in SITES}
-    rec, cell = sites["recurrent"], sites["cell"]
+    # The input site's buffers come with its terms (_input_terms).
+    rec, cell = (site_buffers(args, outputs, site, scratch=not args.save) for site in ("recurrent", "cell"))
     statistics = outputs.statistics
     buffers: dict[int, Tensor | None] = {
         k.F_ACT: saved.act if args.save else new(1, B, 4 * H),

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from rnorm.kernels.kinds import get_kind
+from rnorm.kernels.precision import HALF_DTYPES
 from rnorm.kernels.schema import BackwardArgs, RecurrenceArgs
 
-__all__ = ["INLINE_MAX_HIDDEN", "MAX_BATCH", "BackwardPlan", "ForwardPlan", "site_code", "unsupported_shape"]
+__all__ = ["INLINE_MAX_HIDDEN", "MAX_BATCH", "ROUND_CODES", "BackwardPlan", "ForwardPlan", "columns_per_program", "site_code", "unsupported_shape"]
 
 #: The step kernels compute the recurrent product themselves (``tl.dot``, each program its block of
 #: units) up to this many hidden units; above it, or for a batch over 128, torch.mm (cuBLAS) computes
@@ -22,10 +23,11 @@ __all__ = ["INLINE_MAX_HIDDEN", "MAX_BATCH", "BackwardPlan", "ForwardPlan", "sit
 INLINE_MAX_HIDDEN = 256
 #: A step's whole batch sits in one program (per-column batch statistics in registers).
 MAX_BATCH = 2048
-#: Elements of one gate tile ``(BB, BH)`` when torch.mm computes the product.
+#: Elements of one ``(BB, columns)`` tile of a whole-batch program when it does not compute a product.
 _TILE = 2048
 
-_HALF = {"bf16": (torch.bfloat16, 1), "fp16": (torch.float16, 2)}
+#: The kernels' ``ROUND`` code of each half precision (0: no rounding).
+ROUND_CODES = {"bf16": 1, "fp16": 2}
 
 
 def pow2(n: int) -> int:
@@ -41,6 +43,11 @@ def site_code(kind: str) -> int:
     if step_kind.name in ("identity", "affine"):
         return 0 if step_kind.name == "identity" else 1
     return 2 if step_kind.statistics == "batch" else 3
+
+
+def columns_per_program(block_batch: int, features: int) -> int:
+    """Columns (hidden units or features) one whole-batch program owns, ``block_batch`` rows each."""
+    return max(1, min(64, pow2(features), _TILE // block_batch))
 
 
 def unsupported_shape(batch: int) -> str | None:
@@ -59,7 +66,6 @@ def _per_step(tensor: torch.Tensor | None) -> bool:
 class _Common:
     """What both loops share: sizes, dtypes, precision, block sizes, the sites."""
 
-    device: str  #: e.g. ``"cuda:0"`` or ``"cpu"``
     steps: int
     batch: int
     hidden: int
@@ -76,7 +82,6 @@ class _Common:
     masked: bool
     weights_per_step: bool
     hidden_scale: int  #: 0 none, 1 one value, 2 one per unit
-    input_kind: str  #: the input site's kind, or ``"given"``
     input_code: int  #: its :func:`site_code`
     input_center: bool  #: its row statistics subtract the mean (layer, not RMS)
     rec: int  #: the recurrent site's :func:`site_code`
@@ -97,19 +102,18 @@ def _center(kind: str) -> bool:
 
 def _common(args: RecurrenceArgs | BackwardArgs, dtype: torch.dtype, steps: int, batch: int, hidden: int, *, inline_allowed: bool, interpret: bool) -> dict:
     """The fields of :class:`_Common` for ``args``, in ``dtype``, with ``steps`` × ``batch`` × ``hidden``."""
-    half, round_code = _HALF.get(args.precision, (None, 0))
+    half = HALF_DTYPES.get(args.precision)
     block_batch = max(16, pow2(batch))
     inline = inline_allowed and hidden <= INLINE_MAX_HIDDEN and block_batch <= 128
-    block_hidden = 16 if inline else max(1, min(64, pow2(hidden), _TILE // block_batch))
+    block_hidden = 16 if inline else columns_per_program(block_batch, hidden)
     hidden_scale = args.hidden_scale
     return dict(
-        device=str(args.source.device),
         steps=steps,
         batch=batch,
         hidden=hidden,
         dtype=dtype,
         operand_dtype=dtype if half is None else (torch.float32 if interpret else half),
-        round=round_code,
+        round=ROUND_CODES.get(args.precision, 0),
         dot_precision="tf32" if args.precision == "tf32" else "ieee",
         interpret=interpret,
         inline=inline,
@@ -120,7 +124,6 @@ def _common(args: RecurrenceArgs | BackwardArgs, dtype: torch.dtype, steps: int,
         masked=args.mask is not None,
         weights_per_step=args.weights.shape[0] > 1,
         hidden_scale=0 if hidden_scale is None else (1 if hidden_scale.numel() == 1 else 2),
-        input_kind=args.input_kind,
         input_code=site_code(args.input_kind),
         input_center=_center(args.input_kind),
         rec=site_code(args.recurrent_kind),

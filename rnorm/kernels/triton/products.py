@@ -11,10 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rnorm.kernels.precision import HALF_DTYPES
+from rnorm.kernels.triton.plan import ROUND_CODES
+
 __all__ = ["HALF", "matmul", "to_operand"]
 
 #: The kernels' rounding codes (``plan.round``) and the dtypes they round to.
-HALF = {1: torch.bfloat16, 2: torch.float16}
+HALF = {ROUND_CODES[name]: dtype for name, dtype in HALF_DTYPES.items()}
 
 _out_dtype_works: dict[str, bool] = {}  # per device type: whether torch.mm(..., out_dtype=) runs here
 
