@@ -21,6 +21,7 @@ import time
 import torch
 
 from rnorm.kernels import native
+from rnorm.utils.atomic import atomic_write_bytes
 
 SHAPES = {"pmnist": (784, 64, 100), "ptb": (100, 64, 1000), "text8": (180, 128, 2000)}  # (T, B, H)
 EPS = 1e-5
@@ -107,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
-        with open(args.json, "w") as out:
-            out.write(text + "\n")
+        atomic_write_bytes(args.json, (text + "\n").encode())
     return 0
 
 

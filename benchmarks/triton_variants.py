@@ -17,8 +17,7 @@ import contextlib
 import json
 import statistics
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,9 +25,13 @@ import torch
 from rnorm.kernels.triton import plan as triton_plan
 from rnorm.kernels.triton.graphs import GRAPHS
 from rnorm.nn import NormLSTM
+from rnorm.utils.atomic import atomic_write_bytes
 
-#: name -> (T, B, D, H), as benchmarks/rnn_speed.py's.
-SHAPES = {"pmnist": (784, 64, 1, 100), "ptb": (100, 64, 50, 1000)}
+# rnn_speed is a sibling script, not a package: import it from this folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rnn_speed import SHAPES, make_call, sites_of, timed
+
+MODES = ("train", "infer")  # train first: bn and seqbn evaluate with the statistics it records
 
 
 @contextlib.contextmanager
@@ -46,32 +49,17 @@ def variant(graphs: bool, inline: bool, tf32: bool) -> Iterator[None]:
         GRAPHS.clear()
 
 
-def median_ms(call, repeats: int, warmup: int) -> float:
+def median_ms(call: Callable[[], None], repeats: int, warmup: int, device: torch.device) -> float:
     for _ in range(warmup):
         call()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(timed(call, device)[0] for _ in range(repeats))
 
 
-def calls(model: torch.nn.Module, x: torch.Tensor) -> dict[str, object]:
-    def train() -> None:
-        model.train()
-        output, _ = model(x)
-        output.sum().backward()
-        model.zero_grad(set_to_none=True)
-
-    def infer() -> None:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-
-    return {"train": train, "infer": infer}
+def mode_calls(model: torch.nn.Module, x: torch.Tensor) -> Iterator[tuple[str, Callable[[], None]]]:
+    """Each mode's call (rnn_speed's), with the model put in that mode first."""
+    for mode in MODES:
+        model.train(mode == "train")
+        yield mode, make_call(model, x, mode)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,26 +78,25 @@ def main(argv: list[str] | None = None) -> int:
         T, B, D, H = SHAPES[shape]
         x = torch.randn(B, T, D, device=device)
         lstm = torch.nn.LSTM(D, H, batch_first=True).to(device)
-        for mode, call in calls(lstm, x).items():
-            rows.append({"shape": shape, "norm": "nn.LSTM", "variant": "cudnn", "mode": mode, "ms": median_ms(call, args.repeats, args.warmup), "T": T})
+        for mode, call in mode_calls(lstm, x):
+            rows.append({"shape": shape, "norm": "nn.LSTM", "variant": "cudnn", "mode": mode, "ms": median_ms(call, args.repeats, args.warmup, device), "T": T})
         for norm in args.norms.split(","):
-            sites = {"input_norm": norm, "recurrent_norm": norm, "cell_norm": norm}
             torch.manual_seed(0)
-            model = NormLSTM(D, H, impl="triton", **sites).to(device)
+            model = NormLSTM(D, H, batch_first=True, impl="triton", **sites_of(norm)).to(device)
             for graphs, inline, tf32 in ((True, True, False), (False, True, False), (True, False, False), (True, True, True)):
                 if not inline and H > triton_plan.INLINE_MAX_HIDDEN:
                     continue  # torch.mm already
                 name = f"graphs={'on' if graphs else 'off'} product={'tl.dot' if inline and H <= triton_plan.INLINE_MAX_HIDDEN else 'torch.mm'} tf32={'on' if tf32 else 'off'}"
                 with variant(graphs, inline, tf32):
-                    for mode, call in calls(model, x).items():
-                        rows.append({"shape": shape, "norm": norm, "variant": name, "mode": mode, "ms": median_ms(call, args.repeats, args.warmup), "T": T})
+                    for mode, call in mode_calls(model, x):
+                        rows.append({"shape": shape, "norm": norm, "variant": name, "mode": mode, "ms": median_ms(call, args.repeats, args.warmup, device), "T": T})
                 print(f"  {shape} {norm} {name}", file=sys.stderr, flush=True)
     print(f"{'shape':<8}{'norm':<9}{'variant':<46}{'mode':<7}{'ms':>9}{'us/step':>9}")
     for r in rows:
         print(f"{r['shape']:<8}{r['norm']:<9}{r['variant']:<46}{r['mode']:<7}{r['ms']:>9.2f}{1e3 * r['ms'] / r['T']:>9.1f}")
     if args.json is not None:
         report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "rows": rows}
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        atomic_write_bytes(args.json, (json.dumps(report, indent=1) + "\n").encode())
     return 0
 
 

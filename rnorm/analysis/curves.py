@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from rnorm.analysis.output import add_analysis_parser, require_pyplot, save_figure, write_csv
-from rnorm.data.download import atomic_write_bytes
+from rnorm.utils.atomic import atomic_write_bytes
 
 __all__ = ["Curve", "add_parser", "find_log_dirs", "read_curve", "run", "run_name"]
 

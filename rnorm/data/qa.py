@@ -70,6 +70,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from rnorm.data.batching import loader
 from rnorm.data.download import download as download_file
 from rnorm.data.download import file_digest
 from rnorm.data.qa_synthetic import SPLIT_FOLDERS, write_synthetic_corpus
@@ -703,13 +704,7 @@ class QADataModule(pl.LightningDataModule):
         return self._loader(self.dataset("test"), batch_size=self.eval_batch_size)
 
     def _loader(self, dataset: QADataset, trim: bool = False, **batching: Any) -> DataLoader:
-        return DataLoader(
-            dataset,
-            collate_fn=QABatchCollator(self.num_entities, trim),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            **batching,
-        )
+        return loader(dataset, self.num_workers, collate_fn=QABatchCollator(self.num_entities, trim), **batching)
 
     # -- checkpoint state ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
