@@ -24,7 +24,9 @@ through the same graph; under tracing, and elsewhere, the functional one.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -154,28 +156,31 @@ def _forward(args: RecurrenceArgs, device_backend: str) -> RecurrenceOutputs:
     return torch_loop.forward(args)
 
 
-def _forward_cpu(*flat: object) -> tuple[Tensor, ...]:
-    args = from_flat(RecurrenceArgs, flat)
-    check_forward(args)
-    chosen = _chosen(args)
-    with torch.no_grad(), _no_autocast(args.source), native.denormals_flushed():
-        return tuple(to_flat(_forward(args, chosen)))
+@contextlib.contextmanager
+def _running(source: Tensor) -> Iterator[None]:
+    """Around an implementation: no autograd, no autocast (the op's precision is ``args.precision``,
+    also when a backward runs inside an autocast region) and, on the CPU, denormals flushed
+    (docs/performance.md)."""
+    flushed = native.denormals_flushed() if source.device.type == "cpu" else contextlib.nullcontext()
+    with torch.no_grad(), _no_autocast(source), flushed:
+        yield
 
 
-def _forward_cuda(*flat: object) -> tuple[Tensor, ...]:
-    args = from_flat(RecurrenceArgs, flat)
-    check_forward(args)
-    chosen = _chosen(args)
-    with torch.no_grad(), _no_autocast(args.source):
-        return tuple(to_flat(_forward(args, chosen)))
+def _torch_only(args: RecurrenceArgs | BackwardArgs) -> str:
+    """The choice on devices without their own implementation: the torch-ops loop (the name checked)."""
+    resolve_backend(args.backend, args.source.device, args.source.dtype, args.synchronized)
+    return "torch"
 
 
-def _forward_any(*flat: object) -> tuple[Tensor, ...]:
-    args = from_flat(RecurrenceArgs, flat)
-    check_forward(args)
-    resolve_backend(args.backend, args.source.device, args.source.dtype, args.synchronized)  # checks the name
-    with torch.no_grad(), _no_autocast(args.source):
-        return tuple(to_flat(torch_loop.forward(args)))
+def _forward_impl(choose: Callable[[RecurrenceArgs], str]) -> Callable[..., tuple[Tensor, ...]]:
+    def forward(*flat: object) -> tuple[Tensor, ...]:
+        args = from_flat(RecurrenceArgs, flat)
+        check_forward(args)
+        chosen = choose(args)
+        with _running(args.source):
+            return tuple(to_flat(_forward(args, chosen)))
+
+    return forward
 
 
 def _forward_fake(*flat: object) -> tuple[Tensor, ...]:
@@ -183,9 +188,8 @@ def _forward_fake(*flat: object) -> tuple[Tensor, ...]:
     return tuple(to_flat(outputs))
 
 
-torch.library.impl(FORWARD, "CompositeExplicitAutograd", _forward_any)
-torch.library.impl(FORWARD, "cpu", _forward_cpu)
-torch.library.impl(FORWARD, "cuda", _forward_cuda)
+torch.library.impl(FORWARD, "CompositeExplicitAutograd", _forward_impl(_torch_only))
+torch.library.impl(FORWARD, ("cpu", "cuda"), _forward_impl(_chosen))
 torch.library.register_fake(FORWARD, _forward_fake)
 
 
@@ -197,28 +201,14 @@ def _backward_with(args: BackwardArgs, chosen: str, reuse: bool) -> Gradients:
     return torch_loop.backward(args)
 
 
-def _backward_impl(reuse: bool):
-    def cpu(*flat: object) -> tuple[Tensor, ...]:
+def _backward_impl(choose: Callable[[BackwardArgs], str], reuse: bool) -> Callable[..., tuple[Tensor, ...]]:
+    def backward(*flat: object) -> tuple[Tensor, ...]:
         args = from_flat(BackwardArgs, flat)
         check_backward(args)
-        with torch.no_grad(), _no_autocast(args.source), native.denormals_flushed():
-            return tuple(to_flat(_backward_with(args, _chosen(args), reuse)))
+        with _running(args.source):
+            return tuple(to_flat(_backward_with(args, choose(args), reuse)))
 
-    return cpu
-
-
-def _backward_cuda(*flat: object) -> tuple[Tensor, ...]:
-    args = from_flat(BackwardArgs, flat)
-    check_backward(args)
-    with torch.no_grad(), _no_autocast(args.source):
-        return tuple(to_flat(_backward_with(args, _chosen(args), reuse=False)))
-
-
-def _backward_any(*flat: object) -> tuple[Tensor, ...]:
-    args = from_flat(BackwardArgs, flat)
-    check_backward(args)
-    with torch.no_grad(), _no_autocast(args.source):
-        return tuple(to_flat(torch_loop.backward(args)))
+    return backward
 
 
 def _backward_fake(*flat: object) -> tuple[Tensor, ...]:
@@ -249,9 +239,8 @@ def _backward_fake(*flat: object) -> tuple[Tensor, ...]:
 
 
 for _name, _reuse in ((BACKWARD, False), (BACKWARD_INPLACE, True)):
-    torch.library.impl(_name, "CompositeExplicitAutograd", _backward_any)
-    torch.library.impl(_name, "cpu", _backward_impl(_reuse))
-    torch.library.impl(_name, "cuda", _backward_cuda)
+    torch.library.impl(_name, "CompositeExplicitAutograd", _backward_impl(_torch_only, _reuse))
+    torch.library.impl(_name, ("cpu", "cuda"), _backward_impl(_chosen, _reuse))  # reuse: only the CPU kernels can
     torch.library.register_fake(_name, _backward_fake)
 
 
