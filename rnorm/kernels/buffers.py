@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from rnorm.kernels.kinds import get_kind
-from rnorm.kernels.schema import BackwardArgs, RecurrenceArgs, RecurrenceOutputs, Saved, Statistics, absent
+from rnorm.kernels.schema import BackwardArgs, RecurrenceArgs, RecurrenceOutputs, Saved, Statistics, absent, present
 
 __all__ = ["Dims", "SiteBuffers", "allocate_outputs", "saved_layout", "site_buffers", "statistics_layout"]
 
@@ -64,7 +64,6 @@ def saved_layout(dims: Dims, kinds: dict[str, str], masked: bool) -> dict[str, t
     }
     for site, kind in kinds.items():
         layout.update({f"{site}_{name}": shape for name, shape in _site_layout(kind, dims, site).items()})
-    del layout["cell_raw"]  # the cell's affine scale reads c_t itself
     return layout
 
 
@@ -108,21 +107,17 @@ def allocate_outputs(args: RecurrenceArgs) -> tuple[RecurrenceOutputs, Tensor | 
 
 
 def _site_layout(kind: str, dims: Dims, site: str) -> dict[str, tuple[int, ...] | None]:
-    """The shapes of ``raw``, ``norm``, ``rstd`` of one site for ``dims.saved_steps`` steps (``None`` where the kind has none)."""
+    """The shapes of ``raw`` (not for the cell), ``norm``, ``rstd`` of one site for ``dims.saved_steps``
+    steps (``None`` where the kind has none)."""
     features, batch, steps = dims.features(site), dims.batch, dims.saved_steps
     step_kind = None if kind == "given" else get_kind(kind)
-    layout: dict[str, tuple[int, ...] | None] = {"raw": None, "norm": None, "rstd": None}
-    if step_kind is not None and step_kind.name == "affine":
-        layout["raw"] = (steps, batch, features)
-    elif step_kind is not None and step_kind.normalizing:
+    layout: dict[str, tuple[int, ...] | None] = {"norm": None, "rstd": None}
+    if site != "cell":  # an affine site's raw term, for its scale's gradient; the cell's reads c_t itself
+        layout["raw"] = (steps, batch, features) if step_kind is not None and step_kind.name == "affine" else None
+    if step_kind is not None and step_kind.normalizing:
         layout["norm"] = (steps, batch, features)
         layout["rstd"] = (steps, batch, 1) if step_kind.per_row else (steps, 1, features)
     return layout
-
-
-def _site_allocation(kind: str, dims: Dims, site: str, new, none) -> dict[str, Tensor]:
-    """``raw``, ``norm``, ``rstd`` of one site for ``dims.saved_steps`` steps (``none()`` where the kind has none)."""
-    return {name: none() if shape is None else new(*shape) for name, shape in _site_layout(kind, dims, site).items()}
 
 
 @dataclass
@@ -140,6 +135,11 @@ class SiteBuffers:
     mean: Tensor
     var: Tensor
 
+    @property
+    def u(self) -> Tensor:
+        """Where the raw term goes: ``raw`` (affine), else ``norm`` (normalized there in place)."""
+        return self.raw if present(self.raw) else self.norm
+
 
 def site_buffers(args: RecurrenceArgs, outputs: RecurrenceOutputs, site: str, *, scratch: bool = False) -> SiteBuffers:
     """The buffers of ``site``: the saved ones of ``outputs``, or, for a forward that does not save
@@ -149,11 +149,10 @@ def site_buffers(args: RecurrenceArgs, outputs: RecurrenceOutputs, site: str, *,
     scale = getattr(args, f"{site}_scale")
     stats = outputs.statistics
     mean, var = getattr(stats, f"{site}_mean"), getattr(stats, f"{site}_var")
+    layout = _site_layout(kind, Dims.of(args), site)
     if scratch:
-        parts = _site_allocation(kind, Dims.of(args), site, args.source.new_empty, lambda: absent(args.source))
-        if site == "cell" and kind == "affine":
-            parts["raw"] = absent(args.source)
-        return SiteBuffers(kind, eps, scale, parts["raw"], parts["norm"], parts["rstd"], mean, var)
-    saved = outputs.saved
-    raw = absent(args.source) if site == "cell" else getattr(saved, f"{site}_raw")
-    return SiteBuffers(kind, eps, scale, raw, getattr(saved, f"{site}_norm"), getattr(saved, f"{site}_rstd"), mean, var)
+        parts = {name: absent(args.source) if shape is None else args.source.new_empty(shape) for name, shape in layout.items()}
+    else:
+        parts = {name: getattr(outputs.saved, f"{site}_{name}") for name in layout}
+    raw = parts["raw"] if "raw" in parts else absent(args.source)
+    return SiteBuffers(kind, eps, scale, raw, parts["norm"], parts["rstd"], mean, var)

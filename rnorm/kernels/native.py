@@ -292,7 +292,7 @@ def forward(args: RecurrenceArgs) -> RecurrenceOutputs:
     states_h[0] = args.h0
     states_c[0] = args.c0
     input_kind, rec_kind = args.input_kind, args.recurrent_kind
-    site_u = {site: (b.raw if present(b.raw) else b.norm) for site, b in sites.items()}
+    site_u = {site: b.u for site, b in sites.items()}
     buffers = ForwardBuffers(
         z=new(batch_size, gates),
         given=args.source if input_kind == "given" else None,

@@ -97,7 +97,7 @@ class _Site:
 
     def raw_out(self, s: int) -> Tensor:
         """Where to write step ``s``'s raw term (normalized in place for normalizing kinds)."""
-        return self.buffers.raw[s] if present(self.buffers.raw) else self.buffers.norm[s]
+        return self.buffers.u[s]
 
     def term(self, u: Tensor, s: int, t: int, w: Tensor) -> tuple[Tensor, Tensor]:
         """``(v, scale)``: the site's output is ``v * scale`` (plus its shift) for the raw term ``u``."""

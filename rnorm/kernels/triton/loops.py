@@ -177,7 +177,7 @@ def _input_terms(args: RecurrenceArgs, plan: ForwardPlan, outputs: RecurrenceOut
         return
     site = site_buffers(args, outputs, "input", scratch=not args.save)
     # Saving, the site's buffers hold every step; without, one step: the loop needs every step here.
-    v = (site.raw if present(site.raw) else site.norm) if args.save else new(T, B, G)
+    v = site.u if args.save else new(T, B, G)
     matmul(source, weight_t, out=v.view(T * B, G))
     buffers[k.F_IN_V] = v
     buffers[k.F_IN_SCALE] = args.input_scale.contiguous()
