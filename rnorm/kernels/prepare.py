@@ -55,16 +55,14 @@ def prepare(
             shift = sum(p if p.dim() == 2 else p.unsqueeze(0) for p in parts) * double_g
 
     dtype = x.dtype
-    if mask is None:
-        counts = torch.full((num_steps,), batch_size, device=x.device)
-        weights = x.new_full((1, batch_size), 1.0 / batch_size)
-    else:
-        counts = mask.sum(1)  # (T,)
-        weights = mask.to(dtype) / counts.clamp(min=1).to(dtype).unsqueeze(1)  # (T, B)
+    counts = torch.full((num_steps,), batch_size, device=x.device) if mask is None else mask.sum(1)  # (T,)
     if spec.synchronized:  # weights over the global batch: w @ u is this process's share of the global mean
         counts = global_step_counts(counts)
+    if mask is None and not spec.synchronized:  # every step the same: one row
+        weights = x.new_full((1, batch_size), 1.0 / batch_size)
+    else:
         share = x.new_ones(num_steps, batch_size) if mask is None else mask.to(dtype)
-        weights = share / counts.clamp(min=1).to(dtype).unsqueeze(1)
+        weights = share / counts.clamp(min=1).to(dtype).unsqueeze(1)  # (T, B)
     # The output tanh as 2 σ(2ĉ) − 1 as well: the cell site's scale and shift doubled.
     cell_scale = None if cel.scale is None else cel.scale * 2.0
     cell_shift = None if cel.shift is None else cel.shift * 2.0

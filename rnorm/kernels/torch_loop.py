@@ -28,7 +28,7 @@ from torch import Tensor
 from rnorm.kernels.backward import GradBuffers, allocate_grad_buffers, finish
 from rnorm.kernels.buffers import SITES, Dims, SiteBuffers, allocate_outputs, site_buffers
 from rnorm.kernels.kinds import get_kind
-from rnorm.kernels.schema import BackwardArgs, Gradients, RecurrenceArgs, RecurrenceOutputs, present
+from rnorm.kernels.schema import BackwardArgs, Gradients, RecurrenceArgs, RecurrenceOutputs
 
 __all__ = ["backward", "forward"]
 
@@ -92,8 +92,8 @@ class _Site:
         self.buffers = buffers
         self.kind = None if buffers.kind == "given" else get_kind(buffers.kind)
         self.synchronized = synchronized
-        like = buffers.mean if present(buffers.mean) else buffers.norm
-        self.layer_weights = _layer_weights(like, features) if self.kind is not None and self.kind.per_row else None
+        # Row kinds have x̂ buffers (and no batch mean): their dtype and device.
+        self.layer_weights = _layer_weights(buffers.norm, features) if self.kind is not None and self.kind.per_row else None
 
     def raw_out(self, s: int) -> Tensor:
         """Where to write step ``s``'s raw term (normalized in place for normalizing kinds)."""
